@@ -1,0 +1,1 @@
+"""First-party backends. Each registers through the ``sparsekit.backends`` entry-point group."""

@@ -1,0 +1,1 @@
+"""First-party correctors. Each registers through the ``sparsekit.correctors`` entry-point group."""

@@ -1,0 +1,28 @@
+"""Strided dense recompute (the Δ paper's Eq. 5 baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sparsekit.anchored import AnchoredCorrector
+from sparsekit.contract import AttentionResult
+
+
+@dataclass
+class Recompute(AnchoredCorrector):
+    """Replace the anchor rows (every ``gamma``-th row) and the dense tail with exact dense rows.
+
+    Willette, Lee, Hwang, "Δ Attention", NeurIPS 2025 (https://arxiv.org/abs/2505.11254), Eq. 5.
+    Every other row keeps the backend's sparse output and lse unchanged: no correction
+    reaches them. ``lse`` of the replaced rows is the exact full-prefix lse.
+    """
+
+    name: ClassVar[str] = "recompute"
+
+    def combine(self, plan, rows, sparse, dense) -> AttentionResult:
+        out = sparse.out.clone()
+        lse = sparse.lse.clone()
+        out[:, :, rows] = dense.out.to(out.dtype)
+        lse[:, :, rows] = dense.lse
+        return AttentionResult(out, lse)

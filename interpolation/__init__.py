@@ -1,0 +1,1 @@
+"""First-party interpolation schemes for Δ: repeat (the paper), linear, ema, abg."""

@@ -1,0 +1,62 @@
+"""sparsekit: sparse long-context prefill with Δ correction.
+
+Any sparse backend x any corrector, one ``(out, lse)`` contract::
+
+    from sparsekit import SparseAttention, Delta
+    attn = SparseAttention(backend="streaming", corrector=Delta(gamma=64), window=2048, sink=1024)
+    out = attn(q, k, v)            # q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]
+"""
+
+from .attention import Cost, SparseAttention
+from .base import Backend, Corrector, Interpolation
+from .contract import AttentionResult, merge, merge_many
+from .registry import (
+    PluginConflictError,
+    PluginLoadError,
+    available_backends,
+    available_correctors,
+    available_interpolations,
+    register_backend,
+    register_corrector,
+    register_interpolation,
+)
+from .rows import RowPlan, plan_rows
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # first-party correctors live in the plug-in package sparsekit.correctors; import lazily
+    if name == "Delta":
+        from .correctors.delta import Delta
+
+        return Delta
+    if name == "Recompute":
+        from .correctors.recompute import Recompute
+
+        return Recompute
+    raise AttributeError(f"module 'sparsekit' has no attribute {name!r}")
+
+
+__all__ = [
+    "SparseAttention",
+    "Cost",
+    "Delta",
+    "Recompute",
+    "Backend",
+    "Corrector",
+    "Interpolation",
+    "AttentionResult",
+    "merge",
+    "merge_many",
+    "RowPlan",
+    "plan_rows",
+    "available_backends",
+    "available_correctors",
+    "available_interpolations",
+    "register_backend",
+    "register_corrector",
+    "register_interpolation",
+    "PluginLoadError",
+    "PluginConflictError",
+]
