@@ -50,7 +50,22 @@ class Delta(AnchoredCorrector):
         self.interpolation = build("interpolation", self.interpolation)
 
     def combine(self, plan, rows, sparse, dense) -> AttentionResult:
+        """Corrected result from the sparse result and the dense anchor + tail rows.
+
+        On CUDA, ``repeat`` and ``linear`` run as one fused pass over the output
+        (:func:`sparsekit.kernels.delta_apply`) that writes into the sparse result's buffers;
+        other schemes and CPU tensors use the torch code below (same semantics).
+        """
         nb, nbody = plan.n_blocks, plan.n_body
+        scheme = getattr(self.interpolation, "name", None)
+        if sparse.out.is_cuda and scheme in ("repeat", "linear") and type(self.interpolation).__module__.startswith(
+            "sparsekit.interpolation."
+        ):
+            from sparsekit import kernels
+
+            fused = kernels.delta_apply(sparse, dense, gamma=self.gamma, n_body=nbody, scheme=scheme)
+            if fused is not None:
+                return fused
         anchors = rows[:nb]
         cd = compute_dtype(sparse.out.dtype)
         D = sparse.out.shape[-1]

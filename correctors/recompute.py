@@ -21,6 +21,14 @@ class Recompute(AnchoredCorrector):
     name: ClassVar[str] = "recompute"
 
     def combine(self, plan, rows, sparse, dense) -> AttentionResult:
+        from sparsekit.kernels import _dense_layout
+
+        if sparse.out.is_cuda and _dense_layout(sparse.out) and _dense_layout(sparse.lse):
+            # write the dense rows into the sparse buffers: no second N-row buffer
+            out, lse = sparse.out, sparse.lse
+            out.index_copy_(2, rows, dense.out.to(out.dtype))
+            lse.index_copy_(2, rows, dense.lse.to(lse.dtype))
+            return AttentionResult(out, lse)
         out = sparse.out.clone()
         lse = sparse.lse.clone()
         out[:, :, rows] = dense.out.to(out.dtype)

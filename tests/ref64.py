@@ -1,0 +1,101 @@
+"""Independent float64 re-implementations used as ground truth by the tests.
+
+Nothing here imports sparsekit's attention code: K/V are expanded with repeat_interleave,
+scores are materialised, and the Δ paper's algorithm is written out row by row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention64(q, k, v, mask, scale):
+    """Masked attention in float64 with K/V repeated to the query heads.
+
+    mask broadcastable to [B, Hq, Nq, Nk]. Returns out [B,Hq,Nq,D] float64, lse [B,Hq,Nq] float64.
+    """
+    G = q.shape[1] // k.shape[1]
+    kr = k.double().repeat_interleave(G, dim=1)
+    vr = v.double().repeat_interleave(G, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kr) * scale
+    mask = torch.broadcast_to(mask, s.shape)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return p @ vr, lse
+
+
+def causal_mask(nq, nk, q_offset, device="cpu"):
+    pq = q_offset + torch.arange(nq, device=device)
+    return torch.arange(nk, device=device)[None, :] <= pq[:, None]
+
+
+def paper_rows(nq, gamma, tail):
+    """(n_body, anchors list, tail rows list) written from the paper / official code."""
+    n_tail = nq % gamma + max(128, gamma) if tail is None else tail
+    n_tail = min(n_tail, nq)
+    n_body = nq - n_tail
+    anchors = list(range(0, n_body, gamma))
+    return n_body, anchors, list(range(n_body, nq))
+
+
+def spread64(kind, params, deltas, gamma, n_body):
+    """Per-row correction for body rows from anchor deltas, one row at a time.
+
+    deltas: list over blocks of tensors [..., C]. Returns list over rows.
+    """
+    nb = len(deltas)
+    rows = []
+    if kind == "repeat":
+        for i in range(n_body):
+            rows.append(deltas[i // gamma])
+    elif kind == "linear":
+        for i in range(n_body):
+            kb, j = divmod(i, gamma)
+            nxt = deltas[kb + 1] if kb + 1 < nb else deltas[kb]
+            rows.append((1 - j / gamma) * deltas[kb] + (j / gamma) * nxt)
+    elif kind == "ema":
+        beta = params.get("beta", 0.75)
+        prev = deltas[0]
+        for i in range(n_body):
+            cur = (1 - beta) * prev + beta * deltas[i // gamma]
+            rows.append(cur)
+            prev = cur
+    elif kind == "abg":
+        a_, b_, g_ = params.get("alpha", 0.2), params.get("beta", 5e-2), params.get("gamma", 3.5e-3)
+        x = deltas[0]
+        vel = torch.zeros_like(x)
+        acc = torch.zeros_like(x)
+        for i in range(n_body):
+            xp = x + vel + 0.5 * acc
+            vp = vel + acc
+            r = deltas[i // gamma] - xp
+            x = xp + a_ * r
+            vel = vp + b_ * r
+            acc = acc + 2 * g_ * r
+            rows.append(x)
+    else:
+        raise ValueError(kind)
+    return rows
+
+
+def corrected64(kind, params, sparse_out, sparse_lse, dense_out, dense_lse, gamma, tail):
+    """The paper's Δ (or recompute when kind == 'recompute'), row by row, float64."""
+    nq = sparse_out.shape[2]
+    n_body, anchors, tail_rows = paper_rows(nq, gamma, tail)
+    out = sparse_out.clone()
+    lse = sparse_lse.clone()
+    if kind != "recompute" and n_body > 0:
+        deltas = [
+            torch.cat([dense_out[:, :, a] - sparse_out[:, :, a], (dense_lse[:, :, a] - sparse_lse[:, :, a])[..., None]], -1)
+            for a in anchors
+        ]
+        rows = spread64(kind, params, deltas, gamma, n_body)
+        for i in range(n_body):
+            out[:, :, i] = sparse_out[:, :, i] + rows[i][..., :-1]
+            lse[:, :, i] = sparse_lse[:, :, i] + rows[i][..., -1]
+    for r in anchors + tail_rows:
+        out[:, :, r] = dense_out[:, :, r]
+        lse[:, :, r] = dense_lse[:, :, r]
+    return out, lse

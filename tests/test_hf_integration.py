@@ -1,0 +1,183 @@
+"""sparsekit as a transformers attention implementation, on a tiny random Llama (no download)."""
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import sparsekit.hf as skhf  # noqa: E402
+from sparsekit.integrations.transformers import layer_state  # noqa: E402
+
+N = 200  # prompt tokens
+SPARSE = "streaming(window=16,sink=4)"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    m = LlamaForCausalLM(cfg).eval()
+    # larger q/k weights make attention peaky, so a sparse pattern visibly changes the output
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, 128, (1, N), generator=g)  # no pad id (0): generate would mask it
+
+
+@torch.no_grad()
+def logits(model, ids, **kw):
+    return model(ids, **kw).logits
+
+
+def test_dense_spec_reproduces_sdpa(model, ids):
+    ref = logits(model, ids)
+    with skhf.use(model, "dense") as states:
+        got = logits(model, ids)
+    assert all(s.calls["sparse"] == 1 for s in states.values())  # really went through sparsekit
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_spec_generates_sdpa_tokens(model, ids):
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    with skhf.use(model, "dense"):
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, ref)
+
+
+def test_sparse_spec_changes_logits(model, ids):
+    ref = logits(model, ids)
+    with skhf.use(model, SPARSE):
+        got = logits(model, ids)
+    # rows inside the window see every key: unchanged; later rows differ
+    torch.testing.assert_close(got[:, :16], ref[:, :16], rtol=1e-5, atol=1e-5)
+    assert (got[:, 32:] - ref[:, 32:]).abs().max() > 1e-2
+
+
+def test_corrector_and_dense_layers(model, ids):
+    ref = logits(model, ids)
+    with skhf.use(model, SPARSE):
+        sparse = logits(model, ids)
+    with skhf.use(model, SPARSE + "+delta(gamma=8)") as states:
+        delta = logits(model, ids)
+    assert all(s.attn.corrector is not None for s in states.values())
+    # the dense tail (last 200 % 8 + 128 rows) and Δ pull the output back towards dense
+    err_sparse = (sparse - ref)[:, -64:].abs().mean()
+    err_delta = (delta - ref)[:, -64:].abs().mean()
+    assert err_delta < 0.5 * err_sparse
+    with skhf.use(model, SPARSE, dense_layers=range(4)) as states:
+        all_dense = logits(model, ids)
+    assert all(s.attn is None and s.calls["dense"] == 1 for s in states.values())
+    torch.testing.assert_close(all_dense, ref, rtol=1e-6, atol=1e-6)
+    with skhf.use(model, None, layers={2: SPARSE}) as states:
+        logits(model, ids)
+    assert [s.calls["sparse"] for _, s in sorted(states.items())] == [0, 0, 1, 0]
+
+
+def test_decode_after_sparse_prefill_is_dense(model, ids):
+    """Prefill sparse, then one decode step: the step's attention must see the whole cache."""
+    with skhf.use(model, SPARSE) as states:
+        out = model(ids, use_cache=True)
+        cache = out.cache
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(nxt, cache=cache, use_cache=True).logits
+    assert all(s.calls == {"sparse": 1, "dense": 1} for s in states.values())
+    # reference: the same sparse-prefilled cache, decode step under plain SDPA
+    with skhf.use(model, SPARSE):
+        cache2 = model(ids, use_cache=True).cache
+    ref = model(nxt, cache=cache2, use_cache=True).logits
+    torch.testing.assert_close(step, ref, rtol=1e-5, atol=1e-5)
+    # and it differs from a decode step restricted to the streaming window
+    with skhf.use(model, SPARSE):
+        cache3 = model(ids, use_cache=True).cache
+    with skhf.use(model, SPARSE, decode_rows=1) as st:
+        for s in st.values():  # force the single row through the sparse path
+            s.decode_rows = 0
+        windowed = model(nxt, cache=cache3, use_cache=True).logits
+    assert (windowed - step).abs().max() > 1e-3
+
+
+def test_chunked_prefill_equals_one_shot_dense(model, ids):
+    from transformers import DynamicCache
+
+    with skhf.use(model, "dense") as states:
+        one = logits(model, ids)
+        cache = DynamicCache(config=model.config)
+        parts = []
+        for a, b in [(0, 90), (90, 150), (150, N)]:
+            out = model(ids[:, a:b], cache=cache, use_cache=True)
+            cache = out.cache
+            parts.append(out.logits)
+    assert all(s.calls["sparse"] == 4 for s in states.values())  # one-shot + 3 chunks
+    torch.testing.assert_close(torch.cat(parts, dim=1), one, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_sparse_prefill_uses_offset(model, ids):
+    """Streaming over a cache: the second chunk's rows sit at their absolute positions."""
+    from transformers import DynamicCache
+
+    with skhf.use(model, SPARSE):
+        one = logits(model, ids)
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :120], cache=cache, use_cache=True)
+        second = model(ids[:, 120:], cache=first.cache, use_cache=True)
+    # streaming's pattern depends only on absolute positions: chunking changes nothing
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), one, rtol=1e-5, atol=1e-5)
+
+
+def test_context_manager_restores(model, ids):
+    ref = logits(model, ids)
+    impl = model.config._attn_implementation
+    mods = skhf.attention_modules(model)
+    with pytest.raises(RuntimeError):
+        with skhf.use(model, SPARSE):
+            assert model.config._attn_implementation == "sparsekit"
+            assert all(layer_state(m) is not None for _, m in mods)
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == impl
+    assert all(layer_state(m) is None for _, m in mods)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=0)
+    # nesting restores the outer block
+    with skhf.use(model, SPARSE):
+        with skhf.use(model, "dense"):
+            pass
+        assert str(layer_state(mods[0][1]).attn) == "streaming(window=16,sink=4)"
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="layers"):
+        with skhf.use(model, SPARSE, layers={99: None}):
+            pass
+    with pytest.raises(ValueError, match="decode_rows"):
+        with skhf.use(model, SPARSE, decode_rows=0):
+            pass
+    with pytest.raises(TypeError, match="spec"):
+        with skhf.use(model, 3.5):
+            pass
+
+
+def test_padded_batch_is_refused(model, ids):
+    batch = torch.cat([ids, ids])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with skhf.use(model, SPARSE):
+        with pytest.raises(ValueError, match="plain causal mask"):
+            model(batch, attention_mask=mask)

@@ -1,0 +1,176 @@
+"""The Triton kernels on CPU under ``TRITON_INTERPRET=1`` at small sizes (fp32 / fp16).
+
+The interpreter must be switched on before triton is imported, so each group of checks runs
+this file as a script in a child process with the variable set; the pytest process itself
+never imports triton. Skipped cleanly when triton is not installed. (bf16 ``tl.dot`` is wrong
+in the interpreter, so bf16 is covered by tests/test_gpu.py on a GPU only.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install sparsekit[triton])")
+
+
+def _run(group: str):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), group], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{group} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert f"OK {group}" in proc.stdout, proc.stdout
+
+
+def test_streaming_and_dense_interpret():
+    _run("streaming")
+
+
+def test_rows_interpret():
+    _run("rows")
+
+
+def test_delta_apply_interpret():
+    _run("delta")
+
+
+# ---------------------------------------------------------------- the child process
+def _tol(dtype):
+    import torch
+
+    return (2e-5, 2e-5) if dtype == torch.float32 else (3e-3, 1e-3)  # (out relative, lse absolute)
+
+
+def _check(name, out, lse, ref, dtype):
+    import torch
+
+    ot, lt = _tol(dtype)
+    scale = ref.out.abs().max().clamp(min=1e-6)
+    err = ((out.float() - ref.out.float()).abs().max() / scale).item()
+    fin = torch.isfinite(ref.lse)
+    if not torch.equal(fin, torch.isfinite(lse)):
+        raise AssertionError(f"{name}: empty rows differ")
+    lerr = (lse[fin] - ref.lse[fin]).abs().max().item() if fin.any() else 0.0
+    if not (err <= ot and lerr <= lt):
+        raise AssertionError(f"{name}: out rel err {err:.2e} (tol {ot}), lse err {lerr:.2e} (tol {lt})")
+
+
+def _shapes(rng):
+    # (B, Hq, Hkv, Nq, extra keys, D)
+    return [
+        (1, 1, 1, 1, 0, 16),
+        (2, 4, 1, 37, 3, 32),
+        (1, 4, 4, 50, 0, 16),
+        (2, 8, 2, 23, 11, 16),
+    ]
+
+
+def _streaming():
+    import torch
+
+    from sparsekit.backends.dense import Dense
+    from sparsekit.backends.streaming import Streaming
+    from sparsekit.kernels.triton_attention import interval_attention
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        for B, Hq, Hkv, Nq, extra, D in _shapes(None):
+            Nk = Nq + extra
+            q = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+            k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+            v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+            s = D**-0.5
+            for window, sink in ((1, 0), (7, 3), (5, 0), (64, 2), (3, 40)):
+                be = Streaming(window=window, sink=sink)
+                ref = be.prefill(q.double(), k.double(), v.double(), scale=s, q_offset=extra)
+                out, lse = interval_attention(q, k, v, scale=s, q_offset=extra, window=window, sink=sink)
+                _check(f"streaming{(B, Hq, Hkv, Nq, Nk, D, window, sink, dtype)}", out, lse, ref, dtype)
+            ref = Dense().prefill(q.double(), k.double(), v.double(), scale=s, q_offset=extra)
+            out, lse = interval_attention(q, k, v, scale=s, q_offset=extra)
+            _check(f"dense{(B, Hq, Hkv, Nq, Nk, D, dtype)}", out, lse, ref, dtype)
+
+
+def _rows():
+    import torch
+
+    from sparsekit.contract import AttentionResult
+    from sparsekit.kernels.triton_attention import interval_attention
+    from sparsekit.reference import attend_keys, causal_rows_attention
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float16):
+        for B, Hq, Hkv, Nq, extra, D in _shapes(None):
+            Nk = Nq + extra
+            R = max(1, Nq // 3)
+            pos = torch.sort(torch.randperm(Nk, generator=g)[:R]).values
+            q = torch.randn(B, Hq, R, D, generator=g).to(dtype)
+            k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+            v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+            s = D**-0.5
+            ref = causal_rows_attention(q.double(), k.double(), v.double(), positions=pos, scale=s)
+            out, lse = interval_attention(q, k, v, scale=s, positions=pos)
+            _check(f"rows{(B, Hq, Hkv, R, Nk, D, dtype)}", out, lse, ref, dtype)
+            # per-row lower bound (the paged path's triangle), some rows empty
+            lo = torch.clamp(pos - torch.randint(-2, 6, (R,), generator=g), min=0)
+            key = torch.arange(Nk)
+            keep = (key[None, :] <= pos[:, None]) & (key[None, :] >= lo[:, None])
+            o_ref, l_ref = attend_keys(q.double(), k.double(), v.double(), s, key, keep)
+            out, lse = interval_attention(q, k, v, scale=s, positions=pos, lo=lo)
+            _check(f"rows-lo{(B, Hq, Hkv, R, Nk, D, dtype)}", out, lse, AttentionResult(o_ref, l_ref), dtype)
+
+
+def _delta():
+    import torch
+
+    from sparsekit.contract import AttentionResult
+    from sparsekit.correctors.delta import Delta
+    from sparsekit.kernels.triton_delta import delta_apply
+
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float16):
+        for N, gamma, tail in ((200, 16, None), (50, 64, None), (77, 8, 5), (33, 4, 0), (130, 16, 3)):
+            for interp in ("repeat", "linear"):
+                corr = Delta(gamma=gamma, tail=tail, interpolation=interp)
+                plan = corr.plan(N)
+                rows = plan.dense_rows()
+                B, H, D = 2, 3, 16
+                sparse = AttentionResult(
+                    torch.randn(B, H, N, D, generator=g).to(dtype), torch.randn(B, H, N, generator=g)
+                )
+                dense = AttentionResult(
+                    torch.randn(B, H, rows.numel(), D, generator=g).to(dtype),
+                    torch.randn(B, H, rows.numel(), generator=g),
+                )
+                if plan.n_body == 0:
+                    continue
+                ref = corr.combine(plan, rows, sparse, dense)
+                out, lse = delta_apply(
+                    sparse.out, sparse.lse, dense.out, dense.lse, gamma=gamma, n_body=plan.n_body,
+                    linear=interp == "linear",
+                )
+                _check(f"delta{(N, gamma, tail, interp, dtype)}", out, lse, ref, dtype)
+                # anchors and tail are the dense rows exactly
+                if not torch.equal(out[:, :, rows], dense.out):
+                    raise AssertionError("delta: anchor / tail rows are not the dense rows")
+                # in place on the sparse buffers gives the same result
+                so, sl = sparse.out.clone(), sparse.lse.clone()
+                delta_apply(so, sl, dense.out, dense.lse, gamma=gamma, n_body=plan.n_body,
+                            linear=interp == "linear", out=so, out_lse=sl)
+                if not (torch.equal(so, out) and torch.equal(sl, lse)):
+                    raise AssertionError("delta: in-place result differs")
+
+
+if __name__ == "__main__":
+    group = sys.argv[1]
+    import torch
+
+    torch.set_num_threads(1)
+    {"streaming": _streaming, "rows": _rows, "delta": _delta}[group]()
+    print(f"OK {group}")

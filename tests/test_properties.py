@@ -1,0 +1,271 @@
+"""Every registered backend x every corrector against an independent float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import sparsekit
+from sparsekit import SparseAttention, merge, merge_many
+from sparsekit.reference import masked_attention
+
+from ref64 import attention64, causal_mask, corrected64, paper_rows
+from strategies import BACKEND_OPTIONS
+
+CORRECTORS = {
+    "none": None,
+    "delta": ("delta", "repeat"),
+    "delta-linear": ("delta", "linear"),
+    "delta-ema": ("delta", "ema"),
+    "delta-abg": ("delta", "abg"),
+    "recompute": ("recompute", None),
+}
+
+
+def _cpu_backends():
+    """Registered backends that run on CPU tensors (a GPU-only or missing-package plug-in says why not)."""
+    params = []
+    probe = torch.zeros(1, 1, 4, 8)
+    for name in sparsekit.available_backends():
+        cls = sparsekit.registry.BACKENDS.get(name)
+        reason = cls().unsupported(probe, probe, probe)
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+BACKENDS = _cpu_backends()
+
+
+@st.composite
+def problems(draw, max_n=600):
+    B = draw(st.integers(1, 3))
+    Hkv = draw(st.integers(1, 2))
+    G = draw(st.sampled_from([1, 2, 4]))
+    Nq = draw(st.one_of(st.integers(1, 140), st.integers(1, max_n)))
+    off = draw(st.one_of(st.just(0), st.integers(1, 100)))
+    extra = draw(st.sampled_from([0, 0, 0, 5]))  # keys past the last query are never seen
+    D = draw(st.sampled_from([8, 16, 32, 64, 128]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    temp = draw(st.sampled_from([0.5, 1.0, 3.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    Nk = Nq + off + extra
+    q = (torch.randn(B, Hkv * G, Nq, D, generator=g) * temp).to(dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    q_offset = off if (extra or draw(st.booleans())) else None
+    return q, k, v, q_offset, off
+
+
+def _tols(dtype):
+    return (1e-9, 1e-9) if dtype == torch.float64 else (2e-5, 2e-5)
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = _tols(dtype)
+    expected = expected.to(torch.float64)
+    actual = actual.to(torch.float64)
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), f"{what}: max err {err.max().item():.3e} at {bad.nonzero()[0].tolist()}"
+
+
+def assert_lse_close(actual, expected, what):
+    # lse is float32 by contract: compare at float32 resolution of its magnitude
+    err = (actual.double() - expected.double()).abs()
+    bound = 1e-5 + 2e-6 * expected.double().abs()
+    assert bool((err <= bound).all()), f"{what}: lse max err {err.max().item():.3e}"
+
+
+def _corrector(kind, data):
+    if kind is None:
+        return None, None
+    name, interp = kind
+    gamma = data.draw(st.one_of(st.integers(1, 80), st.sampled_from([16, 64])), label="gamma")
+    tail = data.draw(st.one_of(st.none(), st.integers(0, 200)), label="tail")
+    spec = {"name": name, "gamma": gamma, "tail": tail}
+    params = {}
+    if name == "delta":
+        if interp == "ema":
+            params = {"beta": data.draw(st.sampled_from([0.5, 0.75, 0.95]), label="beta")}
+        spec["interpolation"] = {"name": interp, **params}
+    return spec, params
+
+
+@pytest.mark.parametrize("corrector", list(CORRECTORS), ids=list(CORRECTORS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_backend_x_corrector_matches_float64_reference(backend, corrector, data):
+    q, k, v, q_offset, off = data.draw(problems(), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    kind = CORRECTORS[corrector]
+    spec, params = _corrector(kind, data)
+    attn = SparseAttention(backend, corrector=spec, **options)
+    out, lse = attn(q, k, v, q_offset=q_offset, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    scale = q.shape[-1] ** -0.5
+    mask = attn.backend.pattern(q, k, scale=scale, q_offset=off)
+    sp_out, sp_lse = attention64(q, k, v, mask, scale)
+    if kind is None:
+        exp_out, exp_lse = sp_out, sp_lse
+    else:
+        dn_out, dn_lse = attention64(q, k, v, causal_mask(q.shape[2], k.shape[2], off), scale)
+        mode = "recompute" if kind[0] == "recompute" else kind[1]
+        exp_out, exp_lse = corrected64(mode, params, sp_out, sp_lse, dn_out, dn_lse, spec["gamma"], spec["tail"])
+    assert_close(out, exp_out, q.dtype, str(attn))
+    assert_lse_close(lse, exp_lse, str(attn))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_pattern_is_causal_and_cost_counts_it(backend, data):
+    q, k, v, q_offset, off = data.draw(problems(max_n=300), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    attn = SparseAttention(backend, **options)
+    mask = torch.broadcast_to(
+        attn.backend.pattern(q, k, scale=q.shape[-1] ** -0.5, q_offset=off),
+        (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+    )
+    causal = causal_mask(q.shape[2], k.shape[2], off)
+    assert not (mask & ~causal).any(), "pattern sees a future key"
+    diag = off + torch.arange(q.shape[2])
+    assert mask[..., torch.arange(q.shape[2]), diag].all(), "pattern misses a query's own key"
+    per_head = mask.sum(dim=(-1, -2)).double().mean().item()  # pairs per (batch, head)
+    assert attn.cost(q.shape[2], k.shape[2], off).backend_pairs == pytest.approx(per_head, rel=1e-9)
+
+
+@given(data=st.data())
+def test_streaming_window_covering_everything_is_dense(data):
+    q, k, v, q_offset, off = data.draw(problems(), label="problem")
+    sink = data.draw(st.integers(0, 50))
+    window = k.shape[2] + data.draw(st.integers(0, 10))
+    s = SparseAttention("streaming", window=window, sink=sink)(q, k, v, q_offset=q_offset, return_lse=True)
+    d = SparseAttention("dense")(q, k, v, q_offset=q_offset, return_lse=True)
+    assert_close(s[0], d[0].double(), q.dtype, "streaming(window>=Nk)")
+    assert_lse_close(s[1], d[1], "streaming(window>=Nk)")
+
+
+@pytest.mark.parametrize("corrector", ["delta", "recompute"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_gamma_one_is_dense(backend, corrector, data):
+    q, k, v, q_offset, off = data.draw(problems(max_n=300), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    tail = data.draw(st.one_of(st.none(), st.integers(0, 50)))
+    out, lse = SparseAttention(backend, corrector={"name": corrector, "gamma": 1, "tail": tail}, **options)(
+        q, k, v, q_offset=q_offset, return_lse=True
+    )
+    dn_out, dn_lse = attention64(q, k, v, causal_mask(q.shape[2], k.shape[2], off), q.shape[-1] ** -0.5)
+    assert_close(out, dn_out, q.dtype, f"{backend}+{corrector}(gamma=1)")
+    assert_lse_close(lse, dn_lse, "gamma=1")
+
+
+@given(data=st.data())
+def test_anchor_and_tail_rows_are_dense_and_delta_adds_anchor_delta(data):
+    """Spelled out once more on streaming: anchor/tail = dense, recompute leaves others sparse."""
+    q, k, v, q_offset, off = data.draw(problems(), label="problem")
+    gamma = data.draw(st.integers(2, 70))
+    window, sink = data.draw(st.integers(1, 64)), data.draw(st.integers(0, 8))
+    scale = q.shape[-1] ** -0.5
+    sparse = SparseAttention("streaming", window=window, sink=sink)(q, k, v, q_offset=q_offset)
+    delta = SparseAttention("streaming", corrector={"name": "delta", "gamma": gamma}, window=window, sink=sink)(
+        q, k, v, q_offset=q_offset
+    )
+    recomp = SparseAttention("streaming", corrector={"name": "recompute", "gamma": gamma}, window=window, sink=sink)(
+        q, k, v, q_offset=q_offset
+    )
+    dense, _ = attention64(q, k, v, causal_mask(q.shape[2], k.shape[2], off), scale)
+    n_body, anchors, tail = paper_rows(q.shape[2], gamma, None)
+    exact = anchors + tail
+    atol = 1e-9 if q.dtype == torch.float64 else 3e-5
+    for r in exact:
+        assert torch.allclose(delta[:, :, r].double(), dense[:, :, r], atol=atol)
+        assert torch.allclose(recomp[:, :, r].double(), dense[:, :, r], atol=atol)
+    others = [i for i in range(q.shape[2]) if i not in set(exact)]
+    if others:
+        assert torch.equal(recomp[:, :, others], sparse[:, :, others])
+    for i in range(n_body):
+        a = (i // gamma) * gamma
+        want = sparse[:, :, i].double() + dense[:, :, a] - sparse[:, :, a].double()
+        assert torch.allclose(delta[:, :, i].double(), want, atol=atol), f"row {i}"
+
+
+@given(data=st.data())
+def test_merge_over_any_key_split_equals_attention_over_union(data):
+    q, k, v, q_offset, off = data.draw(problems(max_n=200), label="problem")
+    scale = q.shape[-1] ** -0.5
+    causal = causal_mask(q.shape[2], k.shape[2], off)
+    nparts = data.draw(st.integers(2, 4))
+    seed = data.draw(st.integers(0, 1000))
+    owner = torch.randint(0, nparts, (q.shape[2], k.shape[2]), generator=torch.Generator().manual_seed(seed))
+    parts = [masked_attention(q, k, v, causal & (owner == p), scale=scale) for p in range(nparts)]
+    whole, whole_lse = attention64(q, k, v, causal, scale)
+    merged = merge(parts[0], parts[1]) if nparts == 2 else merge_many(parts)
+    # merge weights exp(lse_part - lse) come from float32 lse (the contract), so even float64
+    # outputs merge at float32 resolution
+    assert_close(merged.out, whole, torch.float32, "merge")
+    assert_lse_close(merged.lse, whole_lse, "merge")
+    # pairwise merge folds to the same thing
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = merge(acc, p)
+    assert_close(acc.out, whole, torch.float32, "merge fold")
+
+
+def test_merge_with_empty_rows():
+    out = torch.randn(1, 1, 3, 4)
+    a = sparsekit.AttentionResult(out, torch.tensor([[[0.0, float("-inf"), float("-inf")]]]))
+    b = sparsekit.AttentionResult(out * 2, torch.tensor([[[float("-inf"), 1.0, float("-inf")]]]))
+    m = merge(a, b)
+    assert torch.allclose(m.out[0, 0, 0], out[0, 0, 0]) and torch.allclose(m.out[0, 0, 1], 2 * out[0, 0, 1])
+    assert torch.all(m.out[0, 0, 2] == 0) and m.lse[0, 0, 2] == float("-inf")
+    with pytest.raises(ValueError, match="shapes differ"):
+        merge(a, sparsekit.AttentionResult(out[:, :, :2], a.lse[:, :, :2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_gqa_equals_repeated_kv_and_batch_heads_are_independent(backend, data):
+    q, k, v, q_offset, off = data.draw(problems(max_n=300), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    attn = SparseAttention(backend, corrector={"name": "delta", "gamma": data.draw(st.integers(1, 40))}, **options)
+    G = q.shape[1] // k.shape[1]
+    out = attn(q, k, v, q_offset=q_offset)
+    rep = attn(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), q_offset=q_offset)
+    assert_close(out, rep.double(), q.dtype, "GQA vs repeated KV")
+    # permuting batch items and KV groups (with their query heads) permutes the output
+    pb = torch.randperm(q.shape[0], generator=torch.Generator().manual_seed(1))
+    pk = torch.randperm(k.shape[1], generator=torch.Generator().manual_seed(2))
+    ph = (pk[:, None] * G + torch.arange(G)).flatten()
+    perm = attn(q[pb][:, ph], k[pb][:, pk], v[pb][:, pk], q_offset=q_offset)
+    assert_close(perm, out[pb][:, ph].double(), q.dtype, "permutation equivariance")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_huge_logits_stay_finite_and_output_in_hull_of_attended_values(backend, data):
+    q, k, v, q_offset, off = data.draw(problems(max_n=300), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    attn = SparseAttention(backend, **options)
+    big = q * 1000
+    out, lse = attn(big, k, v, q_offset=q_offset, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    mask = torch.broadcast_to(
+        attn.backend.pattern(big, k, scale=q.shape[-1] ** -0.5, q_offset=off),
+        (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+    )
+    G = q.shape[1] // k.shape[1]
+    vr = v.double().repeat_interleave(G, 1)[:, :, None]  # [B, Hq, 1, Nk, D]
+    m = mask[..., None]
+    lo = torch.where(m, vr, torch.tensor(float("inf"), dtype=torch.float64)).amin(-2)
+    hi = torch.where(m, vr, torch.tensor(float("-inf"), dtype=torch.float64)).amax(-2)
+    # rounding: a few ulps per term of the softmax (exp, normaliser) and of the Nk-term sum
+    eps = torch.finfo(q.dtype).eps
+    slack = 4 * (k.shape[2] + 16) * eps * v.abs().max().item()
+    below = (lo - out.double()).max().item()
+    above = (out.double() - hi).max().item()
+    assert below <= slack and above <= slack, f"outside the hull by {max(below, above):.3e} (slack {slack:.3e})"
