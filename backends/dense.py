@@ -11,6 +11,7 @@ from sparsekit.base import Backend
 from sparsekit.contract import AttentionResult
 from sparsekit import kernels
 from sparsekit.reference import blockwise_attention
+from sparsekit.rows import causal_pairs
 
 
 @dataclass
@@ -39,4 +40,4 @@ class Dense(Backend):
         return blockwise_attention(q, k, v, scale=scale, select=select)
 
     def cost(self, nq: int, nk: int, q_offset: int) -> int:
-        return nq * (q_offset + 1) + nq * (nq - 1) // 2
+        return causal_pairs(nq, q_offset)

@@ -101,7 +101,7 @@ class HiPPlan:
     block_q: int
     block_k: int
     heads_per_sel: int
-    timings: dict = field(default_factory=dict)
+    _table: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def n_qblocks(self) -> int:
@@ -109,6 +109,11 @@ class HiPPlan:
 
     def block_table(self) -> torch.Tensor:
         """(batch, sel_heads, n_qblocks, n_kblocks) bool: selected key blocks. Small sizes only."""
+        if self._table is None:
+            self._table = self._make_table()
+        return self._table
+
+    def _make_table(self) -> torch.Tensor:
         B, Hs, NBq, n = self.blocks.shape
         nkb = -(-self.nk // self.block_k)
         table = torch.zeros(B, Hs, NBq, nkb + 1, dtype=torch.bool, device=self.blocks.device)
@@ -219,15 +224,18 @@ class HiP(Backend):
         return (torch.clamp(p0 - self.window + 1, min=0) // self.block_k) * self.block_k
 
     # ------------------------------------------------------------------ the contract
-    def plan(self, q, k, *, scale: Optional[float] = None, q_offset: int = 0, impl: str = "auto") -> HiPPlan:
+    def plan(self, q, k, *, scale: Optional[float] = None, q_offset: int = 0, impl: str = "auto",
+             trace: Optional[dict] = None) -> HiPPlan:
         """The selection (mask estimation) for q (B, Hq, Nq, D) over k (B, Hkv, Nk, D).
 
         ``impl``: ``"auto"`` (Triton on CUDA when it applies, else torch), ``"torch"`` (the
         reference on any device) or ``"triton"``. ``scale`` does not change the ranking.
+        ``trace``: a dict that receives the seconds spent in each step (synchronising the device
+        between steps; for benchmarks).
         """
         use_triton = self._triton_ok(q, impl)
         scorer = _TritonScorer(self) if use_triton else _TorchScorer(self)
-        return _select(self, q, k, q_offset, scorer, exact_ties=not use_triton)
+        return _select(self, q, k, q_offset, scorer, exact_ties=not use_triton, trace=trace)
 
     def run(self, plan: HiPPlan, q, k, v, *, scale: float, q_offset: int, impl: str = "auto") -> AttentionResult:
         """Attention of q over the keys ``plan`` selected (plus sink and window)."""
@@ -245,7 +253,7 @@ class HiP(Backend):
             key_index = torch.arange(q_offset + i1, device=q.device)
             return key_index, plan.keep_rows(i0, i1, key_index)
 
-        return blockwise_attention(q, k, v, scale=scale, select=select, block_rows=self.block_q)
+        return blockwise_attention(q, k, v, scale=scale, select=select)
 
     def prefill(self, q, k, v, *, scale: float, q_offset: int) -> AttentionResult:
         return self.run(self.plan(q, k, scale=scale, q_offset=q_offset), q, k, v, scale=scale, q_offset=q_offset)
@@ -319,7 +327,28 @@ def _top(scores: torch.Tensor, ids: Optional[torch.Tensor], m: int, exact_ties: 
     return torch.where(ids == big, torch.full_like(ids, -1), ids)
 
 
-def _select(hip: HiP, q, k, q_offset: int, scorer, exact_ties: bool) -> HiPPlan:
+class _Clock:
+    """Step timer for ``plan(trace=...)``; a no-op without a trace dict."""
+
+    def __init__(self, trace: Optional[dict], device):
+        self.trace, self.cuda = trace, device.type == "cuda"
+        self.t = self._now() if trace is not None else 0.0
+
+    def _now(self):
+        import time
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self, name: str):
+        if self.trace is not None:
+            t = self._now()
+            self.trace[name] = self.trace.get(name, 0.0) + t - self.t
+            self.t = t
+
+
+def _select(hip: HiP, q, k, q_offset: int, scorer, exact_ties: bool, trace: Optional[dict] = None) -> HiPPlan:
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -328,13 +357,17 @@ def _select(hip: HiP, q, k, q_offset: int, scorer, exact_ties: bool) -> HiPPlan:
     S = hip.sink_end()
     W = hip.win_starts(Nq, q_offset, device=q.device)  # [NBq]
     ncand_blocks = torch.clamp((W - S) // bk, min=0)  # candidate blocks per query block
+    clock = _Clock(trace, q.device)
     scorer.setup(q, k, gs, S)
     stages = hip._stages
     if stages:
         c0, keep0 = stages[0]
         ncand = -(-(ncand_blocks * bk) // c0)  # candidate chunks (grid from S)
         scores = scorer.dense_means(c0, ncand)  # [B, Hs, NBq, Nc0]
+        clock(f"score chunks of {c0}")
         ids = _top(scores, None, keep0 // c0, exact_ties)
+        del scores
+        clock("top-k")
         chunk = c0
         for c, keep in stages[1:] + [(bk, hip.k)]:
             r = chunk // c
@@ -347,11 +380,15 @@ def _select(hip: HiP, q, k, q_offset: int, scorer, exact_ties: bool) -> HiPPlan:
                 scores = scorer.gathered_blocks(child)
             else:
                 scores = scorer.gathered_means(c, child)
+            clock(f"score chunks of {c}")
             ids = _top(scores, child, keep // c, exact_ties)
+            clock("top-k")
             chunk = c
     else:
         scores = scorer.dense_blocks(ncand_blocks)
+        clock(f"score chunks of {bk}")
         ids = _top(scores, None, hip.n_select, exact_ties)
+        clock("top-k")
     blocks = torch.where(ids >= 0, ids + S // bk, ids).to(torch.int32)
     counts = (blocks >= 0).sum(-1).to(torch.int32)
     return HiPPlan(blocks.contiguous(), counts.contiguous(), W, S, Nq, Nk, q_offset, hip.block_q, bk, gs)
@@ -385,7 +422,7 @@ class _TorchScorer:
         n = k.shape[2]
         nc = -(-n // c)
         pad = nc * c - n
-        ks = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(k.shape[0], k.shape[1], nc, c, -1).sum(3)
+        ks = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(k.shape[0], k.shape[1], nc, c, k.shape[-1]).sum(3)
         cnt = torch.clamp(n - torch.arange(nc, device=k.device) * c, max=c).to(self.cd)
         return (ks / cnt[:, None])[:, self.kv_of_sel]  # [B, Hs, Nc, D]
 
@@ -404,7 +441,7 @@ class _TorchScorer:
         km = self._means(c)
         idx = ids.clamp(min=0)
         B, Hs, NBq, M = ids.shape
-        kg = km.gather(2, idx.reshape(B, Hs, NBq * M, 1).expand(-1, -1, -1, km.shape[-1])).view(B, Hs, NBq, M, -1)
+        kg = km.gather(2, idx.reshape(B, Hs, NBq * M, 1).expand(-1, -1, -1, km.shape[-1])).view(B, Hs, NBq, M, km.shape[-1])
         s = self._max_rows(torch.einsum("bsqrd,bsqmd->bsqrm", self.qs, kg))
         return s.masked_fill(ids < 0, float("-inf"))
 
@@ -412,7 +449,7 @@ class _TorchScorer:
         bk = self.hip.block_k
         k = self.k[:, :, self.S:].to(self.cd)
         nb = k.shape[2] // bk  # candidates are whole blocks before W <= Nk
-        return k[:, :, : nb * bk].reshape(k.shape[0], k.shape[1], nb, bk, -1)[:, self.kv_of_sel]
+        return k[:, :, : nb * bk].reshape(k.shape[0], k.shape[1], nb, bk, k.shape[-1])[:, self.kv_of_sel]
 
     def dense_blocks(self, ncand):
         kb = self._blocks()  # [B, Hs, NB, bk, D]

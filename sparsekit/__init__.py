@@ -25,18 +25,9 @@ from .rows import RowPlan, plan_rows
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # first-party correctors live in the plug-in package sparsekit.correctors; import lazily
-    if name == "Delta":
-        from .correctors.delta import Delta
-
-        return Delta
-    if name == "Recompute":
-        from .correctors.recompute import Recompute
-
-        return Recompute
-    raise AttributeError(f"module 'sparsekit' has no attribute {name!r}")
-
+# first-party correctors live in the plug-in package sparsekit.correctors (registered by entry point too)
+from .correctors.delta import Delta  # noqa: E402
+from .correctors.recompute import Recompute  # noqa: E402
 
 __all__ = [
     "SparseAttention",

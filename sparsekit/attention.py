@@ -9,6 +9,7 @@ from .base import Backend, Corrector
 from .contract import AttentionResult
 from .spec import SpecError, build, instantiate, parse_spec
 from .registry import BACKENDS
+from .rows import causal_pairs
 from .validate import check_qkv
 
 __all__ = ["SparseAttention", "Cost"]
@@ -37,11 +38,6 @@ class Cost:
             f"{self.total_pairs:,} pairs of {self.dense_pairs:,} dense causal "
             f"(density {self.density:.2%})"
         )
-
-
-def dense_causal_pairs(nq: int, q_offset: int) -> int:
-    """Pairs of dense causal attention: row i sees q_offset + i + 1 keys."""
-    return nq * (q_offset + 1) + nq * (nq - 1) // 2
 
 
 class SparseAttention:
@@ -117,7 +113,7 @@ class SparseAttention:
         use_backend = self.corrector is None or self.corrector.needs_sparse(nq)
         backend = self.backend.cost(nq, nk, q_offset) if use_backend else 0
         extra = self.corrector.extra_cost(nq, nk, q_offset) if self.corrector else 0
-        return Cost(backend, extra, dense_causal_pairs(nq, q_offset))
+        return Cost(backend, extra, causal_pairs(nq, q_offset))
 
     # ------------------------------------------------------------------ specs
     def to_dict(self) -> dict:

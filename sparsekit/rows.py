@@ -20,7 +20,13 @@ import torch
 
 from .validate import check_int_option
 
-__all__ = ["RowPlan", "plan_rows", "default_tail"]
+__all__ = ["RowPlan", "plan_rows", "default_tail", "causal_pairs"]
+
+
+def causal_pairs(nq: int, q_offset: int, first_row: int = 0) -> int:
+    """Pairs seen by rows ``first_row .. first_row + nq - 1`` under dense causal attention
+    (row r sees ``q_offset + r + 1`` keys)."""
+    return nq * (q_offset + first_row + 1) + nq * (nq - 1) // 2
 
 
 def default_tail(nq: int, gamma: int) -> int:
@@ -64,9 +70,7 @@ class RowPlan:
         g, nb = self.gamma, self.n_blocks
         # anchors r = g*j, j < nb: sum (q_offset + 1 + g*j)
         anchors = nb * (q_offset + 1) + g * nb * (nb - 1) // 2
-        lo, hi = self.n_body, self.nq  # tail rows lo..hi-1
-        tail = (hi - lo) * (q_offset + 1) + (hi * (hi - 1) - lo * (lo - 1)) // 2
-        return anchors + tail
+        return anchors + causal_pairs(self.n_tail, q_offset, first_row=self.n_body)
 
 
 def plan_rows(nq: int, gamma: int, tail: int | None = None) -> RowPlan:

@@ -41,6 +41,15 @@ def test_delta_apply_interpret():
     _run("delta")
 
 
+def test_request_split_uses_each_requests_smallest_position():
+    import torch
+
+    from sparsekit.kernels.flashinfer_attention import request_split
+
+    starts, lengths, p0 = request_split(torch.tensor([5, 3, 9, 1, 7, 2, 8]), 3)
+    assert starts.tolist() == [0, 3, 6] and lengths.tolist() == [3, 3, 1] and p0.tolist() == [3, 1, 8]
+
+
 # ---------------------------------------------------------------- the child process
 def _tol(dtype):
     import torch

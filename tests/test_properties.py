@@ -52,6 +52,16 @@ def problems(draw, max_n=600):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     Nk = Nq + off + extra
+    # bound the float64 reference's work (it materialises [B, Hq, Nq, Nk] scores): shrink D, then B, then G
+    while B * Hkv * G * Nq * Nk * D > 6e7:
+        if D > 16:
+            D //= 2
+        elif B > 1:
+            B -= 1
+        elif G > 1:
+            G //= 2
+        else:
+            break
     q = (torch.randn(B, Hkv * G, Nq, D, generator=g) * temp).to(dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
@@ -254,18 +264,23 @@ def test_huge_logits_stay_finite_and_output_in_hull_of_attended_values(backend, 
     big = q * 1000
     out, lse = attn(big, k, v, q_offset=q_offset, return_lse=True)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    scale = q.shape[-1] ** -0.5
     mask = torch.broadcast_to(
-        attn.backend.pattern(big, k, scale=q.shape[-1] ** -0.5, q_offset=off),
+        attn.backend.pattern(big, k, scale=scale, q_offset=off),
         (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
     )
+    rows = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(0))[:16]  # sampled rows
     G = q.shape[1] // k.shape[1]
     vr = v.double().repeat_interleave(G, 1)[:, :, None]  # [B, Hq, 1, Nk, D]
-    m = mask[..., None]
+    m = mask[:, :, rows, :, None]
+    out = out[:, :, rows]
     lo = torch.where(m, vr, torch.tensor(float("inf"), dtype=torch.float64)).amin(-2)
     hi = torch.where(m, vr, torch.tensor(float("-inf"), dtype=torch.float64)).amax(-2)
-    # rounding: a few ulps per term of the softmax (exp, normaliser) and of the Nk-term sum
+    # rounding: a few ulps per softmax term and per term of the Nk-term sum, plus the error of
+    # exp(s - lse) itself, which grows with the score magnitude |s| <= scale * |q| * |k|
     eps = torch.finfo(q.dtype).eps
-    slack = 4 * (k.shape[2] + 16) * eps * v.abs().max().item()
+    smax = scale * big.double().norm(dim=-1).max().item() * k.double().norm(dim=-1).max().item()
+    slack = 4 * (k.shape[2] + 16 + smax) * eps * v.abs().max().item()
     below = (lo - out.double()).max().item()
     above = (out.double() - hi).max().item()
     assert below <= slack and above <= slack, f"outside the hull by {max(below, above):.3e} (slack {slack:.3e})"

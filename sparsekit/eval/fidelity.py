@@ -1,0 +1,212 @@
+"""Per-layer attention fidelity on one long real input (the Δ paper's Fig. 3).
+
+Willette, Lee, Hwang, "Δ Attention", NeurIPS 2025 (https://arxiv.org/abs/2505.11254),
+Fig. 3: for the last 128 queries of a prefill, the cosine similarity of each method's
+attention output to quadratic attention, and the Spearman rank correlation of its
+attention rows with the dense rows.
+
+Procedure: one dense forward captures q, k, v of every layer. Each config's
+:class:`~sparsekit.SparseAttention` then runs on the *captured* q, k, v of each layer (so
+errors do not compound across layers; every layer sees the same dense inputs). The probe
+rows are the ``rows`` query rows just before the largest dense tail of the configs
+(Δ / recompute / tail-only compute their last ``N % γ + max(128, γ)`` rows densely; rows
+inside that tail would be exact by construction and say nothing).
+
+Effective attention rows (for Spearman): a plain backend's row is the softmax over its
+:meth:`~sparsekit.Backend.pattern`; recompute / tail-only rows are dense or sparse rows;
+a Δ row is ``A_sparse[i] + Σ_k W[i, k] (A_dense[a_k] - A_sparse[a_k])`` where ``W`` is the
+interpolation's spreading weights (obtained by spreading the identity; exact for the linear
+interpolations shipped). ``recon_err`` = max |A_eff V - out| checks this against the
+config's actual output. Spearman uses average ranks for ties, over the row's causal prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .configs import Config
+
+__all__ = ["run_fidelity", "rankdata", "spearman", "effective_rows"]
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (0-based, ties share their mean rank) along the last dim. ``x [..., L]``."""
+    s, idx = x.sort(dim=-1)
+    L = x.shape[-1]
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[..., 1:] = s[..., 1:] != s[..., :-1]
+    grp = new.long().cumsum(-1) - 1  # group id of each sorted position
+    pos = torch.arange(L, device=x.device, dtype=torch.float64).expand(s.shape).contiguous()
+    first = torch.full(s.shape, float(L), dtype=torch.float64, device=x.device).scatter_reduce(-1, grp, pos, "amin")
+    last = torch.full(s.shape, -1.0, dtype=torch.float64, device=x.device).scatter_reduce(-1, grp, pos, "amax")
+    avg_sorted = ((first + last) / 2).gather(-1, grp)
+    return torch.empty_like(avg_sorted).scatter_(-1, idx, avg_sorted)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last dim (``[..., L]`` -> ``[...]``), NaN when a side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    den = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
+    return (ra * rb).sum(-1) / den
+
+
+def _rows_softmax(q_rows, k, scale, keep) -> torch.Tensor:
+    """Attention probabilities ``[B, Hq, R, Nk]`` (float64) of gathered rows under a keep mask."""
+    B, Hq, R, D = q_rows.shape
+    G = Hq // k.shape[1]
+    kk = k.double().repeat_interleave(G, dim=1)
+    s = torch.matmul(q_rows.double(), kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _causal(rows: torch.Tensor, nk: int, device) -> torch.Tensor:
+    return torch.arange(nk, device=device)[None, :] <= rows[:, None]
+
+
+def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """Effective attention ``[B, Hq, R, Nk]`` (float64) of ``attn`` at query ``rows`` (absolute = row index, q_offset 0).
+
+    None when the corrector is of a kind this probe does not know.
+    """
+    from sparsekit.anchored import AnchoredCorrector
+    from sparsekit.correctors.delta import Delta
+
+    N, nk = q.shape[2], k.shape[2]
+    dev = q.device
+
+    def sparse_at(r):
+        return _rows_softmax(q[:, :, r], k, scale, _shifted_pattern(attn.backend, q, k, scale, r))
+
+    def dense_at(r):
+        return _rows_softmax(q[:, :, r], k, scale, _causal(r, nk, dev))
+
+    corr = attn.corrector
+    if corr is None:
+        return sparse_at(rows)
+    if not isinstance(corr, AnchoredCorrector):
+        return None
+    plan = corr.plan(N)
+    dense_rows = plan.dense_rows(dev)
+    is_dense = torch.isin(rows, dense_rows)
+    base = sparse_at(rows)
+    if isinstance(corr, Delta):
+        body = rows < plan.n_body
+        anchors = plan.anchors(dev)
+        eye = torch.eye(plan.n_blocks, dtype=torch.float64, device=dev)[None, None]  # [1,1,nb,nb]
+        W = corr.interpolation.spread(eye, plan.gamma, plan.n_body)[0, 0]  # [n_body, nb]
+        diff = dense_at(anchors) - sparse_at(anchors)  # [B,Hq,nb,Nk]
+        wr = W[rows.clamp(max=plan.n_body - 1)] * body[:, None]  # [R, nb]
+        base = base + torch.einsum("rk,bhkn->bhrn", wr, diff)
+    elif type(corr).combine is AnchoredCorrector.combine:
+        return None
+    if is_dense.any():
+        base[:, :, is_dense] = dense_at(rows[is_dense])
+    return base
+
+
+def _shifted_pattern(backend, q, k, scale, rows):
+    """Keep mask ``[..., R, Nk]`` of absolute ``rows`` (consecutive runs are asked in one call)."""
+    masks = []
+    r = rows.tolist()
+    i = 0
+    while i < len(r):
+        j = i
+        while j + 1 < len(r) and r[j + 1] == r[j] + 1:
+            j += 1
+        m = backend.pattern(q[:, :, r[i] : r[j] + 1], k, scale=scale, q_offset=r[i])
+        masks.append(torch.as_tensor(m).expand(*m.shape[:-2], j - i + 1, k.shape[2]))
+        i = j + 1
+    shapes = [m.shape[:-2] for m in masks]
+    lead = torch.broadcast_shapes(*shapes)
+    return torch.cat([m.expand(*lead, *m.shape[-2:]) for m in masks], dim=-2)
+
+
+@torch.no_grad()
+def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: int, text: str, rows: int,
+                 device, progress: bool = True, meta: dict | None = None) -> Path:
+    """Write ``fidelity.json``: per config and layer, cosine and Spearman statistics over heads x rows."""
+    from sparsekit.hf import attention_modules, use
+
+    from .perplexity import stdlib_text
+
+    ids = tok(stdlib_text(text), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] < length:
+        raise ValueError(f"fidelity: {text} has only {ids.shape[1]} tokens, fewer than --length {length}")
+    ids = ids[:, :length].to(device)
+    captured: dict = {}
+
+    def capture(layer, q, k, v):
+        captured[layer] = (q.detach().cpu().float(), k.detach().cpu().float(), v.detach().cpu().float())
+
+    t0 = time.perf_counter()
+    with use(model, None, capture=capture):
+        model(ids, use_cache=False, logits_to_keep=1)
+    capture_s = time.perf_counter() - t0
+    scales = {idx: float(m.scaling) for idx, m in attention_modules(model)}
+    sparse_cfgs = [c for c in configs if c.spec is not None]
+    attns = {c.label: c.attention() for c in sparse_cfgs}
+    N = length
+    tail = 0
+    for a in attns.values():
+        if a.corrector is not None and hasattr(a.corrector, "plan"):
+            tail = max(tail, a.corrector.plan(N).n_tail)
+    r1 = N - tail
+    probe = torch.arange(r1 - rows, r1)
+    result = dict(length=N, text=text, rows=[int(probe[0]), int(probe[-1])], capture_s=round(capture_s, 2),
+                  meta=meta or {}, layers=sorted(captured), configs={})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(captured) * len(sparse_cfgs), desc="fidelity", unit="layer", dynamic_ncols=True)
+    for c in sparse_cfgs:
+        result["configs"][c.label] = dict(spec=c.spec, cos_mean=[], cos_p10=[], cos_median=[],
+                                          rho_mean=[], rho_p10=[], rho_median=[], recon_err=[])
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        scale = scales[layer]
+        A_d = _rows_softmax(q[:, :, probe], k, scale, _causal(probe, N, q.device))  # [1,Hq,R,N]
+        out_d = torch.matmul(A_d, v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+        ranks_d = None
+        for c in sparse_cfgs:
+            attn = attns[c.label]
+            if c.dense_layers and layer in c.dense_layers:
+                o = out_d.float()
+                A_e = A_d
+            else:
+                o = attn(q, k, v, scale=scale, q_offset=0)[:, :, probe]
+                A_e = effective_rows(attn, q, k, scale=scale, rows=probe)
+            cos = torch.nn.functional.cosine_similarity(o.double(), out_d, dim=-1).flatten()
+            st = result["configs"][c.label]
+            st["cos_mean"].append(float(cos.mean()))
+            st["cos_median"].append(float(cos.median()))
+            st["cos_p10"].append(float(cos.quantile(0.1)))
+            if A_e is None:
+                for key in ("rho_mean", "rho_median", "rho_p10", "recon_err"):
+                    st[key].append(None)
+            else:
+                o_e = torch.matmul(A_e, v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+                st["recon_err"].append(float((o_e - o.double()).abs().max()))
+                rho = []
+                for j, p in enumerate(probe.tolist()):
+                    rho.append(spearman(A_e[0, :, j, : p + 1], A_d[0, :, j, : p + 1]))
+                rho = torch.stack(rho, dim=1).flatten()  # [Hq * R]
+                rho = rho[~torch.isnan(rho)]
+                st["rho_mean"].append(float(rho.mean()))
+                st["rho_median"].append(float(rho.median()))
+                st["rho_p10"].append(float(rho.quantile(0.1)))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"layer {layer} {c.label}: cos {st['cos_mean'][-1]:.3f}")
+        (Path(out) / "fidelity.json").write_text(json.dumps(result, indent=1))
+    if bar is not None:
+        bar.close()
+    return Path(out) / "fidelity.json"

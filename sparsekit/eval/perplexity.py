@@ -1,0 +1,83 @@
+"""Token-level NLL over the last part of a long window of real text, dense vs each config.
+
+Texts are source files of the Python standard library that ships with the interpreter
+(real text nobody here wrote, available offline). Each text's first ``length`` tokens form
+one window; the model prefills it once per config (no cache) and the NLL of the last
+``last`` tokens is averaged. Only the last ``last + 1`` positions' logits are materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .configs import Config
+
+__all__ = ["run_perplexity", "stdlib_text", "window_nll"]
+
+
+def stdlib_text(name: str) -> str:
+    """The text of a standard-library file, ``name`` relative to the stdlib folder."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"standard-library file {name!r} not found at {path}")
+    return path.read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, config: Config, last: int) -> torch.Tensor:
+    """Per-token NLL (float64, ``[last]``) of the last ``last`` tokens of ``ids`` ``[1, N]``."""
+    from sparsekit.hf import use
+
+    with use(model, config.attention(), dense_layers=config.dense_layers):
+        logits = model(ids, use_cache=False, logits_to_keep=last + 1).logits[0, :-1].double()
+    target = ids[0, -last:]
+    return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+
+def run_perplexity(model, tok, configs: Sequence[Config], out: Path, *, length: int, last: int,
+                   texts: Sequence[str], device, progress: bool = True, meta: dict | None = None) -> Path:
+    """Write ``ppl.json`` (per text and config: mean NLL, perplexity, paired Δ vs dense)."""
+    if last >= length:
+        raise ValueError(f"ppl: --last ({last}) must be smaller than --length ({length})")
+    out = Path(out)
+    path = out / "ppl.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("length") not in (None, length) or result.get("last") not in (None, last):
+        result = {}
+    result.update(length=length, last=last, meta=meta or {})
+    rows = result.setdefault("rows", [])
+    done = {(r["text"], r["config"]) for r in rows}
+    todo = [(t, c) for t in texts for c in configs if (t, c.label) not in done]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="ppl", unit="prefill", dynamic_ncols=True)
+    nll_cache: dict = {}
+    for name, c in todo:
+        ids = tok(stdlib_text(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.shape[1] < length:
+            raise ValueError(f"ppl: {name} has only {ids.shape[1]} tokens, fewer than --length {length}")
+        ids = ids[:, :length].to(device)
+        t0 = time.perf_counter()
+        nll = window_nll(model, ids, c, last).cpu()
+        secs = time.perf_counter() - t0
+        nll_cache[(name, c.label)] = nll
+        rows.append(dict(text=name, config=c.label, spec=c.spec or "sdpa", tokens=last,
+                         nll=float(nll.mean()), ppl=math.exp(float(nll.mean())), seconds=round(secs, 2),
+                         nll_tokens=[round(float(x), 4) for x in nll]))
+        path.write_text(json.dumps(result))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{name} {c.label}: ppl {rows[-1]['ppl']:.3f}")
+    if bar is not None:
+        bar.close()
+    path.write_text(json.dumps(result))
+    return path

@@ -1,0 +1,195 @@
+"""Tables (CSV, JSON, markdown) and plots from the stored eval results.
+
+Reads whatever exists under the results folder (``retrieval.jsonl``, ``ppl.json``,
+``fidelity.json``), so a partial run still yields tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+__all__ = ["build_report", "retrieval_summary", "paired"]
+
+
+def _load_jsonl(path: Path) -> list:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _order(labels, preferred) -> list:
+    pref = [p for p in preferred if p in labels]
+    return pref + sorted(l for l in labels if l not in pref)
+
+
+def _wilson(k: int, n: int, z: float = 1.96):
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (c - h, c + h)
+
+
+def paired(records: list, a: str, b: str, length: int, task: str):
+    """(wins of a over b, losses, n pairs) on the same (sample, question)."""
+    ka = {(r["sample"], r["q"]): r["correct"] for r in records if r["config"] == a and r["length"] == length and r["task"] == task}
+    kb = {(r["sample"], r["q"]): r["correct"] for r in records if r["config"] == b and r["length"] == length and r["task"] == task}
+    common = sorted(set(ka) & set(kb))
+    wins = sum(ka[k] and not kb[k] for k in common)
+    losses = sum(kb[k] and not ka[k] for k in common)
+    return wins, losses, len(common)
+
+
+def retrieval_summary(records: list, configs_order=None) -> list:
+    """Rows ``{length, task, config, n, correct, acc, lo, hi, samples, ...}``; only samples every config finished."""
+    rows = []
+    labels = _order({r["config"] for r in records}, configs_order or [])
+    for L in sorted({r["length"] for r in records}):
+        recL = [r for r in records if r["length"] == L]
+        # keep samples that every config has finished, so the comparison is paired
+        per_cfg = {c: {r["sample"] for r in recL if r["config"] == c} for c in labels}
+        full = set.intersection(*per_cfg.values()) if per_cfg else set()
+        recL = [r for r in recL if r["sample"] in full]
+        tasks = _order({r["task"] for r in recL}, ["passkey", "multikey", "multiquery", "multivalue", "vt"])
+        for t in tasks + ["all"]:
+            for c in labels:
+                sel = [r for r in recL if r["config"] == c and (t == "all" or r["task"] == t)]
+                if not sel:
+                    continue
+                k, n = sum(r["correct"] for r in sel), len(sel)
+                lo, hi = _wilson(k, n)
+                row = dict(length=L, task=t, config=c, n=n, samples=len({r["sample"] for r in sel}), correct=k,
+                           acc=k / n, lo=lo, hi=hi,
+                           prefill_s=sum(r["prefill_s"] for r in sel if r["q"] == 0) / max(1, len({r["sample"] for r in sel if r["q"] == 0})))
+                if t != "all":
+                    for ref in ("dense", _stream_label(labels)):
+                        if ref and ref != c:
+                            w, l, _ = paired(recL, c, ref, L, t)
+                            row[f"vs_{'dense' if ref == 'dense' else 'stream'}"] = f"+{w}/-{l}"
+                rows.append(row)
+        # gap closed (task 'all'): (acc - streaming) / (dense - streaming)
+        s = _stream_label(labels)
+        acc = {r["config"]: r["acc"] for r in rows if r["length"] == L and r["task"] == "all"}
+        if s and "dense" in acc and s in acc:
+            gap = acc["dense"] - acc[s]
+            for r in rows:
+                if r["length"] == L and r["task"] == "all":
+                    r["gap_closed"] = (r["acc"] - acc[s]) / gap if gap > 0 else float("nan")
+    return rows
+
+
+def _stream_label(labels):
+    plain = [l for l in labels if l != "dense" and "+" not in l]
+    return plain[0] if plain else None
+
+
+def _fmt_acc(r):
+    return f"{100 * r['acc']:.0f}% ({r['correct']}/{r['n']})"
+
+
+def _retrieval_markdown(rows: list, meta: dict) -> str:
+    lines = ["## Retrieval accuracy (exact match)", ""]
+    if meta:
+        lines.append(
+            f"Model {meta.get('model')}, tasks {', '.join(meta.get('tasks', []))}, "
+            f"{'shared context per sample' if meta.get('shared') else 'one context per task'}, seed {meta.get('seed')}."
+        )
+        lines.append("")
+    for L in sorted({r["length"] for r in rows}):
+        sub = [r for r in rows if r["length"] == L]
+        tasks = list(dict.fromkeys(r["task"] for r in sub))
+        cfgs = list(dict.fromkeys(r["config"] for r in sub))
+        nsamp = max(r["samples"] for r in sub)
+        lines += [f"### {L} tokens ({nsamp} samples per config, paired)", ""]
+        lines.append("| config | " + " | ".join(tasks) + " | gap closed | prefill s |")
+        lines.append("|---|" + "---|" * (len(tasks) + 2))
+        for c in cfgs:
+            cells = []
+            for t in tasks:
+                r = next((r for r in sub if r["config"] == c and r["task"] == t), None)
+                cells.append(_fmt_acc(r) if r else "")
+            allr = next((r for r in sub if r["config"] == c and r["task"] == "all"), None)
+            gc = allr.get("gap_closed") if allr else None
+            gcs = "" if gc is None or (isinstance(gc, float) and math.isnan(gc)) else f"{100 * gc:.0f}%"
+            lines.append(f"| {c} | " + " | ".join(cells) + f" | {gcs} | {allr['prefill_s']:.1f} |")
+        lines.append("")
+        lines.append("Paired wins/losses per task (same sample and question): vs dense / vs streaming")
+        lines.append("")
+        lines.append("| config | " + " | ".join(t for t in tasks if t != "all") + " |")
+        lines.append("|---|" + "---|" * len([t for t in tasks if t != "all"]))
+        for c in cfgs:
+            cells = []
+            for t in tasks:
+                if t == "all":
+                    continue
+                r = next((r for r in sub if r["config"] == c and r["task"] == t), None)
+                cells.append(f"{r.get('vs_dense', '')} / {r.get('vs_stream', '')}" if r else "")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_retrieval(rows: list, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cfgs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], tasks):
+        for c in cfgs:
+            pts = sorted((r["length"], r["acc"], r["lo"], r["hi"]) for r in rows if r["task"] == t and r["config"] == c)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ax.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                        marker="o", capsize=2, label=c)
+        ax.set_xscale("log", base=2)
+        ax.set_title(t)
+        ax.set_xlabel("context tokens")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("exact match (95% Wilson CI)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_csv(rows: list, path: Path) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def build_report(out: Path) -> Path:
+    """Write ``summary.md`` (+ CSV/JSON tables and PNG plots) from the results under ``out``."""
+    out = Path(out)
+    parts = ["# sparsekit eval results", ""]
+    if (out / "commands.txt").exists():
+        parts += ["Commands that produced these files:", "", "```", (out / "commands.txt").read_text().strip(), "```", ""]
+    records = _load_jsonl(out / "retrieval.jsonl")
+    if records:
+        meta = json.loads((out / "retrieval_meta.json").read_text()) if (out / "retrieval_meta.json").exists() else {}
+        order = [c["label"] for c in meta.get("configs", [])] or None
+        rows = retrieval_summary(records, order)
+        _write_csv(rows, out / "retrieval_summary.csv")
+        (out / "retrieval_summary.json").write_text(json.dumps(rows, indent=1))
+        parts.append(_retrieval_markdown(rows, meta))
+        _plot_retrieval(rows, out / "accuracy_vs_length.png")
+    from . import report_extra
+
+    parts += report_extra.sections(out)
+    path = out / "summary.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
