@@ -34,6 +34,8 @@ from sparsekit.correctors.delta import Delta
 
 def _ints(s):
     out = []
+    if not s.strip():
+        return out
     for x in s.split(","):
         x = x.strip().upper()
         mult = 1
@@ -91,9 +93,13 @@ def synthetic(N, Hq=8, Hkv=2, D=128, seed=0, dtype=torch.bfloat16):
     topic_of_seg = torch.randint(0, n_topics, (len(seg_len),), device=dev, generator=g)
     z = topic_of_seg[seg_of]  # [N]
     k = 0.5 * torch.randn(Hkv, N, D, device=dev, generator=g) + 0.8 * topics[torch.arange(Hkv, device=dev)[:, None], z[None, :]]
-    # queries: half ask about their own segment's topic, half about an earlier segment's topic
-    back = (torch.rand(N, device=dev, generator=g) * (seg_of.float() + 1)).long().clamp(max=len(seg_len) - 1)
-    earlier = torch.rand(N, device=dev, generator=g) < 0.5
+    # queries: in spans of 128 rows (local coherence, as in text), half ask about their own
+    # segment's topic, half about the topic of one earlier segment
+    span = torch.arange(N, device=dev) // 128
+    n_span = int(span[-1]) + 1
+    u_back = torch.rand(n_span, device=dev, generator=g)[span]
+    back = (u_back * (seg_of.float() + 1)).long().clamp(max=len(seg_len) - 1)
+    earlier = (torch.rand(n_span, device=dev, generator=g) < 0.5)[span]
     zq = torch.where(earlier, topic_of_seg[back], z)
     qs = []
     for h in range(Hq):
@@ -247,6 +253,8 @@ def main():
     fid, tim = [], []
     for n in args.fidelity_n:
         fid += [dict(n=n, **r) for r in fidelity(n)]
+        with open(os.path.join(args.out, "hip_bench.json"), "w") as f:
+            json.dump(dict(env=env, fidelity=fid, timing=tim), f, indent=1)
     for n in args.n:
         tim += timing(n, args.reps if n < 512 * 1024 else 1)
         with open(os.path.join(args.out, "hip_bench.json"), "w") as f:

@@ -181,3 +181,81 @@ def test_padded_batch_is_refused(model, ids):
     with skhf.use(model, SPARSE):
         with pytest.raises(ValueError, match="plain causal mask"):
             model(batch, attention_mask=mask)
+
+
+# ------------------------------------------------------------------------------ eval harness (tiny, no download)
+class _CharTokenizer:
+    """Byte-level stand-in for a real tokenizer: enough for the harness's plumbing."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [1 + (b % 127) for b in text.encode()]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+def test_tasks_are_deterministic_and_scored():
+    from sparsekit.eval.tasks import make_samples, score
+
+    tok = _CharTokenizer()
+    a = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=5, key_type="word")
+    b = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=5, key_type="word")
+    c = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=6, key_type="word")
+    assert [s.text for s in a] == [s.text for s in b] and a[0].text != c[0].text
+    s = a[0]
+    assert 2500 < s.n_tokens <= 3000 - 96
+    for text, _ in s.needles:
+        assert text in s.text
+    q = s.questions[0]
+    assert q.task == "passkey" and score(q, f" {q.answers[0]}.") and not score(q, " 12.")
+    vt = next(q for q in s.questions if q.task == "vt")
+    assert score(vt, " " + ", ".join(vt.answers)) and not score(vt, " " + ", ".join(vt.answers[:-1]))
+    with pytest.raises(ValueError, match="unknown task"):
+        make_samples(tok, ["nope"], 3000, 1)
+
+
+def test_retrieval_runner_pairs_and_resumes(model, tmp_path):
+    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.report import build_report
+    from sparsekit.eval.retrieval import run_retrieval
+    from sparsekit.eval.tasks import make_samples
+
+    prepare_registry()
+    tok = _CharTokenizer()
+    samples = make_samples(tok, ["passkey"], 400, 2, seed=0)
+    cfgs = [Config("dense", None), Config("streaming", SPARSE), Config("streaming+tail", SPARSE + "+tailonly(gamma=16)")]
+    path = tmp_path / "retrieval.jsonl"
+    run_retrieval(model, tok, samples[:1], cfgs, path, device="cpu", progress=False)
+    run_retrieval(model, tok, samples, cfgs, path, device="cpu", progress=False)  # resumes: sample 0 not redone
+    import json
+
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    assert sorted((r["sample"], r["config"]) for r in recs) == sorted((i, c.label) for i in range(2) for c in cfgs)
+    md = build_report(tmp_path).read_text()
+    assert "400 tokens (2 samples per config, paired)" in md
+
+
+def test_fidelity_effective_rows_reconstruct_outputs():
+    from sparsekit import SparseAttention
+    from sparsekit.eval.configs import prepare_registry
+    from sparsekit.eval.fidelity import effective_rows, rankdata, spearman
+
+    prepare_registry()
+    g = torch.Generator().manual_seed(0)
+    N = 300
+    q, k, v = (torch.randn(1, h, N, 8, generator=g) for h in (4, 2, 2))
+    rows = torch.arange(100, 140)
+    for spec in ["streaming(window=16,sink=2)", "streaming(window=16,sink=2)+recompute(gamma=8)",
+                 "streaming(window=16,sink=2)+tailonly(gamma=8)", "streaming(window=16,sink=2)+delta(gamma=8)",
+                 "streaming(window=16,sink=2)+delta(gamma=8,interpolation=linear)"]:
+        a = SparseAttention.from_string(spec)
+        out = a(q, k, v, scale=0.5)[:, :, rows].double()
+        A = effective_rows(a, q, k, scale=0.5, rows=rows)
+        torch.testing.assert_close(A @ v.double().repeat_interleave(2, 1), out, rtol=1e-5, atol=1e-5)
+    assert rankdata(torch.tensor([[3.0, 1.0, 1.0, 2.0, 0.0]])).tolist() == [[4.0, 1.5, 1.5, 3.0, 0.0]]
+    x = torch.randn(2, 30, generator=g, dtype=torch.float64)
+    assert torch.allclose(spearman(x, x), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(spearman(x, -x), -torch.ones(2, dtype=torch.float64))

@@ -232,6 +232,7 @@ def test_exact_ties_keep_lower_indices():
     assert idx[0].tolist() == [[3, 8, 8], [0, 3, 5]]
 
 
+@settings(max_examples=20)
 @given(prob=vs_problems(), opts=vs_options(), which=st.sampled_from(["vertical", "slash"]))
 def test_budgets_covering_everything_is_dense(prob, opts, which):
     q, k, v, off = prob
@@ -242,6 +243,7 @@ def test_budgets_covering_everything_is_dense(prob, opts, which):
     assert torch.allclose(out, dn, atol=1e-10) and torch.allclose(lse.double(), dl, atol=1e-5)
 
 
+@settings(max_examples=20)
 @given(prob=vs_problems(), opts=vs_options())
 def test_prefill_is_attention_over_the_pattern_and_cost_counts_it(prob, opts):
     q, k, v, off = prob
@@ -263,6 +265,9 @@ def test_per_head_budgets_and_gqa_shares_nothing_but_kv():
     assert (plan.offsets[0] < plan.W).sum(-1).tolist() == [2, 2, 7, 7]
     with pytest.raises(ValueError, match="per-head budgets"):
         SparseAttention(be)(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8))
+    spec = SparseAttention(be, corrector="delta")
+    assert str(be).startswith("vertical_slash(vertical_size='1/5/9/13',slash_size='2/2/7/7',")
+    assert SparseAttention.from_string(str(spec)) == spec
 
 
 def test_chunked_prefill_estimates_from_the_chunk_and_sees_the_prefix():

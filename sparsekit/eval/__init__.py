@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--distractors", type=int, default=3, help="multikey distractor keys (default 3)")
     r.add_argument("--queries", type=int, default=2, help="multiquery questions per sample (default 2)")
     r.add_argument("--values", type=int, default=4, help="multivalue values (default 4)")
+    r.add_argument("--key-type", default="uuid", choices=["uuid", "word"],
+                   help="keys of multikey/multivalue/multiquery needles (default uuid, as RULER)")
     p = sub.add_parser("ppl", help="perplexity over the last part of long real text")
     _common(p)
     p.add_argument("--length", type=int, default=8192, help="window in tokens (default 8192)")
@@ -135,13 +137,15 @@ def run(args) -> int:
         from .retrieval import run_retrieval
         from .tasks import make_samples
 
+        meta.update(tasks=args.tasks, lengths=args.lengths, n=args.n, seed=args.seed, shared=not args.separate,
+                    key_type=args.key_type, queries=args.queries, distractors=args.distractors)
+        (out / "retrieval_meta.json").write_text(json.dumps(meta, indent=1))
         for L in args.lengths:
             samples = make_samples(tok, args.tasks, L, args.n, seed=args.seed, shared=not args.separate,
-                                   distractors=args.distractors, queries=args.queries, values=args.values)
+                                   distractors=args.distractors, queries=args.queries, values=args.values,
+                                   key_type=args.key_type)
             run_retrieval(model, tok, samples, configs, out / "retrieval.jsonl", device=device,
                           progress=not args.no_progress)
-        meta.update(tasks=args.tasks, lengths=args.lengths, n=args.n, seed=args.seed, shared=not args.separate)
-        (out / "retrieval_meta.json").write_text(json.dumps(meta, indent=1))
     elif cmd == "ppl":
         from .perplexity import run_perplexity
 

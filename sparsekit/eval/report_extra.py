@@ -1,11 +1,121 @@
-"""Perplexity and fidelity sections of the eval report."""
+"""Perplexity and fidelity sections of the eval report (markdown, CSV and plots)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 
 __all__ = ["sections"]
 
 
+def _ppl_section(out: Path) -> list:
+    path = out / "ppl.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    rows = res.get("rows", [])
+    if not rows:
+        return []
+    lines = ["## Perplexity", "",
+             f"Token NLL over the last {res['last']} tokens of the first {res['length']} tokens of each text "
+             "(Python standard-library sources of this interpreter); one prefill per config, no cache.", ""]
+    dense = {r["text"]: r for r in rows if r["config"] == "dense"}
+    lines.append("| text | config | mean NLL | perplexity | Δppl vs dense | tokens worse than dense | seconds |")
+    lines.append("|---|---|---|---|---|---|---|")
+    flat = []
+    for r in rows:
+        d = dense.get(r["text"])
+        dppl = f"{r['ppl'] - d['ppl']:+.3f}" if d else ""
+        worse = ""
+        if d and r is not d:
+            a, b = r["nll_tokens"], d["nll_tokens"]
+            worse = f"{sum(x > y for x, y in zip(a, b))}/{len(a)}"
+        lines.append(f"| {r['text']} | {r['config']} | {r['nll']:.4f} | {r['ppl']:.3f} | {dppl} | {worse} | {r['seconds']:.0f} |")
+        flat.append({k: v for k, v in r.items() if k != "nll_tokens"})
+    with open(out / "ppl_summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    lines.append("")
+    return lines
+
+
+def _plot_fidelity(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    layers = res["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, st in res["configs"].items():
+        n = len(st["cos_mean"])
+        axes[0].plot(layers[:n], st["cos_mean"], marker=".", label=label)
+        rho = [math.nan if x is None else x for x in st["rho_mean"]]
+        axes[1].plot(layers[:n], rho, marker=".", label=label)
+    axes[0].set_title("cosine(config output, dense output), mean over heads x rows")
+    axes[1].set_title("Spearman rank corr. of attention rows, mean")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cosine")
+    axes[1].set_ylabel("Spearman ρ")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{res['meta'].get('model', '')}: {res['text']}, {res['length']} tokens, query rows "
+                 f"{res['rows'][0]}..{res['rows'][1]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fidelity_section(out: Path) -> list:
+    path = out / "fidelity.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    if not res.get("configs"):
+        return []
+    _plot_fidelity(res, out / "fidelity_per_layer.png")
+    lines = ["## Attention fidelity per layer (Δ paper Fig. 3)", "",
+             f"Input: first {res['length']} tokens of `{res['text']}`; dense q/k/v captured per layer, each config run on "
+             f"them; query rows {res['rows'][0]}..{res['rows'][1]} (just before the largest dense tail). "
+             "Mean over heads x rows; plot: `fidelity_per_layer.png`.", ""]
+    labels = list(res["configs"])
+    layers = res["layers"]
+    lines.append("| layer | " + " | ".join(f"cos {l}" for l in labels) + " | " + " | ".join(f"ρ {l}" for l in labels) + " |")
+    lines.append("|---|" + "---|" * (2 * len(labels)))
+    flat = []
+    for i, layer in enumerate(layers):
+        if any(i >= len(res["configs"][l]["cos_mean"]) for l in labels):
+            break
+        cos = [f"{res['configs'][l]['cos_mean'][i]:.3f}" for l in labels]
+        rho = [("" if res["configs"][l]["rho_mean"][i] is None else f"{res['configs'][l]['rho_mean'][i]:.3f}") for l in labels]
+        lines.append(f"| {layer} | " + " | ".join(cos) + " | " + " | ".join(rho) + " |")
+        for l in labels:
+            st = res["configs"][l]
+            flat.append(dict(layer=layer, config=l, **{k: st[k][i] for k in st if isinstance(st[k], list)}))
+    if flat:
+        with open(out / "fidelity_summary.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            w.writeheader()
+            w.writerows(flat)
+        means = []
+        for l in labels:
+            c = [x for x in res["configs"][l]["cos_mean"]]
+            r = [x for x in res["configs"][l]["rho_mean"] if x is not None]
+            err = [x for x in res["configs"][l]["recon_err"] if x is not None]
+            means.append(f"| {l} | {sum(c) / len(c):.3f} | {min(c):.3f} | "
+                         f"{(sum(r) / len(r)) if r else float('nan'):.3f} | {max(err) if err else float('nan'):.1e} |")
+        lines += ["", "| config | cos, mean over layers | cos, worst layer | ρ, mean over layers | max recon err |",
+                  "|---|---|---|---|---|"] + means
+    lines.append("")
+    return lines
+
+
 def sections(out: Path) -> list:
-    return []
+    out = Path(out)
+    return _ppl_section(out) + _fidelity_section(out)

@@ -8,7 +8,8 @@ committed results name theirs.
 Tasks (Hsieh et al., "RULER", https://arxiv.org/abs/2404.06654, Sec. 3):
 
 * ``passkey`` - single needle: a 5-digit pass key in the filler.
-* ``multikey`` - multi-key needle: ``One of the special magic numbers for <uuid> is: <7 digits>.``
+* ``multikey`` - multi-key needle: ``One of the special magic numbers for <key> is: <7 digits>.``
+  (keys are UUIDs, RULER's hardest key type, or with ``key_type="word"`` two random words)
   for one target key and ``distractors`` other UUID keys; asked for the target.
 * ``multivalue`` - one UUID key with ``values`` different numbers; asked for all of them.
 * ``multiquery`` - ``queries`` UUID keys, each asked in its own question over the same context.
@@ -125,6 +126,22 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
+_WORDS = (
+    "apple anchor badger basket candle canyon copper dolphin ember falcon feather garden glacier harbor "
+    "helmet island jacket kettle lantern meadow mirror needle orchard pebble pepper pillow quarry rabbit "
+    "ribbon saddle salmon shadow silver spider summit thunder timber tomato tunnel velvet violin walnut "
+    "whistle willow window winter zebra"
+).split()
+
+
+def _word_key(rng: random.Random, taken: set) -> str:
+    while True:
+        w = f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}"
+        if w not in taken:
+            taken.add(w)
+            return w
+
+
 def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
@@ -153,13 +170,16 @@ def _task_needles(task: str, rng: random.Random, opts: dict, keys_taken: set) ->
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
         q = Question(task, "What is the pass key?\nAnswer: The pass key is", (key,), 8)
         return [needle], [q]
+    def newkey():
+        return _uuid(rng) if opts["key_type"] == "uuid" else _word_key(rng, keys_taken)
+
     if task == "multikey":
-        keys = [_uuid(rng) for _ in range(1 + opts["distractors"])]
+        keys = [newkey() for _ in range(1 + opts["distractors"])]
         vals = [_number(rng, 7) for _ in keys]
         needles = [magic(k, v) for k, v in zip(keys, vals)]
         return needles, [Question(task, ask(keys[0]), (vals[0],), 10)]
     if task == "multivalue":
-        key = _uuid(rng)
+        key = newkey()
         vals = []
         while len(vals) < opts["values"]:
             v = _number(rng, 7)
@@ -172,7 +192,7 @@ def _task_needles(task: str, rng: random.Random, opts: dict, keys_taken: set) ->
         )
         return needles, [Question(task, prompt, tuple(vals), 9 * len(vals) + 4)]
     if task == "multiquery":
-        keys = [_uuid(rng) for _ in range(opts["queries"])]
+        keys = [newkey() for _ in range(opts["queries"])]
         vals = [_number(rng, 7) for _ in keys]
         needles = [magic(k, v) for k, v in zip(keys, vals)]
         return needles, [Question(task, ask(k), (v,), 10) for k, v in zip(keys, vals)]
@@ -202,6 +222,7 @@ def make_samples(
     values: int = 4,
     queries: int = 2,
     hops: int = 4,
+    key_type: str = "uuid",
     question_budget: int = 96,
 ) -> list:
     """``n`` samples per context ``length`` (tokens, context plus question), deterministic in ``seed``.
@@ -218,7 +239,9 @@ def make_samples(
             raise ValueError(f"make_samples: unknown task {t!r}; choose from {', '.join(TASKS)}")
     if length < 256:
         raise ValueError(f"make_samples: length must be >= 256 tokens, got {length}")
-    opts = dict(distractors=distractors, values=values, queries=queries, hops=hops)
+    if key_type not in ("uuid", "word"):
+        raise ValueError(f"make_samples: key_type must be 'uuid' or 'word', got {key_type!r}")
+    opts = dict(distractors=distractors, values=values, queries=queries, hops=hops, key_type=key_type)
     paras = filler_paragraphs()
     groups = [list(tasks)] if shared else [[t] for t in tasks]
     samples = []
