@@ -54,9 +54,13 @@ def attend_keys(q, k, v, scale: float, key_index: torch.Tensor, keep: Optional[t
     s = torch.matmul(qg, kb.transpose(-1, -2)).mul_(scale).view(B, Hq, n, M)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hq, n]
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    # one exp pass: p = exp(s - m) / sum, lse = m + log(sum); rows with no key keep lse = -inf, out = 0
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    total = p.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(total)).squeeze(-1)  # log(0) = -inf for empty rows
+    p = p / torch.where(total > 0, total, torch.ones_like(total))
     out = torch.matmul(p.view(B, Hkv, G * n, M), vb).view(B, Hq, n, D)
     return out, lse.float()
 

@@ -20,10 +20,11 @@ def attention64(q, k, v, mask, scale):
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kr) * scale
     mask = torch.broadcast_to(mask, s.shape)
     s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)
-    return p @ vr, lse
+    m = s.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)
+    w = torch.exp(s - m)
+    z = w.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(z)).squeeze(-1)
+    return (w / z.clamp_min(1e-300)) @ vr, lse
 
 
 def causal_mask(nq, nk, q_offset, device="cpu"):

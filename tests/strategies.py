@@ -37,13 +37,18 @@ def _hip_options(draw):
         "q_stride": draw(st.integers(1, 8)),
         "sink": draw(st.integers(0, 40)),
         "window": draw(st.integers(1, 120)),
-        # per-head selection: the matrix also checks GQA == repeated K/V, which a group-shared
-        # selection is not by design (tests/test_hip.py covers share_kv=True)
-        "share_kv": False,
+        # both the default group-shared selection and one selection per query head; the GQA ==
+        # repeated-K/V property holds only for the latter (see PER_HEAD_OPTIONS)
+        "share_kv": draw(st.booleans()),
     }
 
 
 BACKEND_OPTIONS["hip"] = _hip_options()
+
+# options that make a backend's selection per query head, for the property "GQA equals the same
+# computation with K/V repeated to the query heads" (a selection shared by a KV group is, by
+# design, not the same as one made per repeated head)
+PER_HEAD_OPTIONS = {"hip": {"share_kv": False}}
 
 
 @st.composite

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths in tokens")
     r.add_argument("--n", type=int, default=30, help="samples per length (default 30)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--start", type=int, default=0,
+                   help="skip samples with index < START (a second worker can take the upper half)")
     r.add_argument("--tasks", nargs="+", default=["passkey", "multikey", "multiquery"],
                    help="tasks: passkey multikey multivalue multiquery vt (default passkey multikey multiquery)")
     r.add_argument("--separate", action="store_true",
@@ -144,6 +146,7 @@ def run(args) -> int:
             samples = make_samples(tok, args.tasks, L, args.n, seed=args.seed, shared=not args.separate,
                                    distractors=args.distractors, queries=args.queries, values=args.values,
                                    key_type=args.key_type)
+            samples = [s for s in samples if s.index >= args.start]
             run_retrieval(model, tok, samples, configs, out / "retrieval.jsonl", device=device,
                           progress=not args.no_progress)
     elif cmd == "ppl":

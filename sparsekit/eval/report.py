@@ -18,6 +18,17 @@ def _load_jsonl(path: Path) -> list:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
+def _dedupe(records: list) -> list:
+    """First record of each (length, sample, config, question): parallel workers may overlap."""
+    seen, out = set(), []
+    for r in records:
+        key = (r["length"], r["sample"], r["config"], r["q"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def _order(labels, preferred) -> list:
     pref = [p for p in preferred if p in labels]
     return pref + sorted(l for l in labels if l not in pref)
@@ -65,10 +76,10 @@ def retrieval_summary(records: list, configs_order=None) -> list:
                            acc=k / n, lo=lo, hi=hi,
                            prefill_s=sum(r["prefill_s"] for r in sel if r["q"] == 0) / max(1, len({r["sample"] for r in sel if r["q"] == 0})))
                 if t != "all":
-                    for ref in ("dense", _stream_label(labels)):
+                    for name, ref in (("dense", "dense"), ("stream", _stream_label(labels)), ("tail", _tail_label(labels))):
                         if ref and ref != c:
                             w, l, _ = paired(recL, c, ref, L, t)
-                            row[f"vs_{'dense' if ref == 'dense' else 'stream'}"] = f"+{w}/-{l}"
+                            row[f"vs_{name}"] = f"+{w}/-{l}"
                 rows.append(row)
         # gap closed (task 'all'): (acc - streaming) / (dense - streaming)
         s = _stream_label(labels)
@@ -79,6 +90,11 @@ def retrieval_summary(records: list, configs_order=None) -> list:
                 if r["length"] == L and r["task"] == "all":
                     r["gap_closed"] = (r["acc"] - acc[s]) / gap if gap > 0 else float("nan")
     return rows
+
+
+def _tail_label(labels):
+    tails = [l for l in labels if l.endswith("+tail")]
+    return tails[0] if tails else None
 
 
 def _stream_label(labels):
@@ -116,7 +132,7 @@ def _retrieval_markdown(rows: list, meta: dict) -> str:
             gcs = "" if gc is None or (isinstance(gc, float) and math.isnan(gc)) else f"{100 * gc:.0f}%"
             lines.append(f"| {c} | " + " | ".join(cells) + f" | {gcs} | {allr['prefill_s']:.1f} |")
         lines.append("")
-        lines.append("Paired wins/losses per task (same sample and question): vs dense / vs streaming")
+        lines.append("Paired wins/losses per task (same sample and question): vs dense / vs streaming / vs streaming+tail")
         lines.append("")
         lines.append("| config | " + " | ".join(t for t in tasks if t != "all") + " |")
         lines.append("|---|" + "---|" * len([t for t in tasks if t != "all"]))
@@ -126,7 +142,7 @@ def _retrieval_markdown(rows: list, meta: dict) -> str:
                 if t == "all":
                     continue
                 r = next((r for r in sub if r["config"] == c and r["task"] == t), None)
-                cells.append(f"{r.get('vs_dense', '')} / {r.get('vs_stream', '')}" if r else "")
+                cells.append(f"{r.get('vs_dense', '')} / {r.get('vs_stream', '')} / {r.get('vs_tail', '')}" if r else "")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -178,7 +194,7 @@ def build_report(out: Path) -> Path:
     parts = ["# sparsekit eval results", ""]
     if (out / "commands.txt").exists():
         parts += ["Commands that produced these files:", "", "```", (out / "commands.txt").read_text().strip(), "```", ""]
-    records = _load_jsonl(out / "retrieval.jsonl")
+    records = _dedupe(_load_jsonl(out / "retrieval.jsonl"))
     if records:
         meta = json.loads((out / "retrieval_meta.json").read_text()) if (out / "retrieval_meta.json").exists() else {}
         order = [c["label"] for c in meta.get("configs", [])] or None
