@@ -30,21 +30,7 @@ import torch
 from sparsekit import SparseAttention
 from sparsekit.backends.hip import HiP
 from sparsekit.correctors.delta import Delta
-
-
-def _ints(s):
-    out = []
-    if not s.strip():
-        return out
-    for x in s.split(","):
-        x = x.strip().upper()
-        mult = 1
-        if x.endswith("K"):
-            mult, x = 1024, x[:-1]
-        elif x.endswith("M"):
-            mult, x = 1024 * 1024, x[:-1]
-        out.append(int(x) * mult)
-    return out
+from sparsekit.bench import _ints  # "32K,128K,1M" -> ints
 
 
 def _label(n):
