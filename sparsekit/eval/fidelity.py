@@ -144,7 +144,7 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
     captured: dict = {}
 
     def capture(layer, q, k, v):
-        captured[layer] = (q.detach().cpu().float(), k.detach().cpu().float(), v.detach().cpu().float())
+        captured[layer] = (q.detach().float(), k.detach().float(), v.detach().float())  # stays on the model's device
 
     t0 = time.perf_counter()
     with use(model, None, capture=capture):
@@ -159,7 +159,7 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
         if a.corrector is not None and hasattr(a.corrector, "plan"):
             tail = max(tail, a.corrector.plan(N).n_tail)
     r1 = N - tail
-    probe = torch.arange(r1 - rows, r1)
+    probe = torch.arange(r1 - rows, r1, device=ids.device)
     result = dict(length=N, text=text, rows=[int(probe[0]), int(probe[-1])], capture_s=round(capture_s, 2),
                   meta=meta or {}, layers=sorted(captured), configs={})
     bar = None

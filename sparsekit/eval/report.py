@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from .tasks import recall
+
 __all__ = ["build_report", "retrieval_summary", "paired"]
 
 
@@ -19,10 +21,10 @@ def _load_jsonl(path: Path) -> list:
 
 
 def _dedupe(records: list) -> list:
-    """First record of each (length, sample, config, question): parallel workers may overlap."""
+    """First record of each (length, sample, context, config, question): parallel workers may overlap."""
     seen, out = set(), []
     for r in records:
-        key = (r["length"], r["sample"], r["config"], r["q"])
+        key = (r["length"], r["sample"], r.get("context", ""), r["config"], r["q"])
         if key not in seen:
             seen.add(key)
             out.append(r)
@@ -46,8 +48,11 @@ def _wilson(k: int, n: int, z: float = 1.96):
 
 def paired(records: list, a: str, b: str, length: int, task: str):
     """(wins of a over b, losses, n pairs) on the same (sample, question)."""
-    ka = {(r["sample"], r["q"]): r["correct"] for r in records if r["config"] == a and r["length"] == length and r["task"] == task}
-    kb = {(r["sample"], r["q"]): r["correct"] for r in records if r["config"] == b and r["length"] == length and r["task"] == task}
+    def key(r):
+        return r["sample"], r.get("context", ""), r["q"]
+
+    ka = {key(r): r["correct"] for r in records if r["config"] == a and r["length"] == length and r["task"] == task}
+    kb = {key(r): r["correct"] for r in records if r["config"] == b and r["length"] == length and r["task"] == task}
     common = sorted(set(ka) & set(kb))
     wins = sum(ka[k] and not kb[k] for k in common)
     losses = sum(kb[k] and not ka[k] for k in common)
@@ -61,9 +66,9 @@ def retrieval_summary(records: list, configs_order=None) -> list:
     for L in sorted({r["length"] for r in records}):
         recL = [r for r in records if r["length"] == L]
         # keep samples that every config has finished, so the comparison is paired
-        per_cfg = {c: {r["sample"] for r in recL if r["config"] == c} for c in labels}
+        per_cfg = {c: {(r["sample"], r.get("context", "")) for r in recL if r["config"] == c} for c in labels}
         full = set.intersection(*per_cfg.values()) if per_cfg else set()
-        recL = [r for r in recL if r["sample"] in full]
+        recL = [r for r in recL if (r["sample"], r.get("context", "")) in full]
         tasks = _order({r["task"] for r in recL}, ["passkey", "multikey", "multiquery", "multivalue", "vt"])
         for t in tasks + ["all"]:
             for c in labels:
@@ -72,9 +77,11 @@ def retrieval_summary(records: list, configs_order=None) -> list:
                     continue
                 k, n = sum(r["correct"] for r in sel), len(sel)
                 lo, hi = _wilson(k, n)
-                row = dict(length=L, task=t, config=c, n=n, samples=len({r["sample"] for r in sel}), correct=k,
-                           acc=k / n, lo=lo, hi=hi,
-                           prefill_s=sum(r["prefill_s"] for r in sel if r["q"] == 0) / max(1, len({r["sample"] for r in sel if r["q"] == 0})))
+                first = [r for r in sel if r["q"] == 0]  # one per prefill
+                rec = sum(recall(r["task"], r["answers"], r["output"]) for r in sel) / n
+                row = dict(length=L, task=t, config=c, n=n, recall=rec, samples=len({(r["sample"], r.get("context", "")) for r in sel}),
+                           correct=k, acc=k / n, lo=lo, hi=hi, spec=sel[0].get("spec", ""),
+                           prefill_s=sum(r["prefill_s"] for r in first) / max(1, len(first)))
                 if t != "all":
                     for name, ref in (("dense", "dense"), ("stream", _stream_label(labels)), ("tail", _tail_label(labels))):
                         if ref and ref != c:
@@ -103,7 +110,10 @@ def _stream_label(labels):
 
 
 def _fmt_acc(r):
-    return f"{100 * r['acc']:.0f}% ({r['correct']}/{r['n']})"
+    cell = f"{100 * r['acc']:.0f}% ({r['correct']}/{r['n']})"
+    if r["task"] in ("multivalue", "vt"):
+        cell += f", recall {100 * r['recall']:.0f}%"
+    return cell
 
 
 def _retrieval_markdown(rows: list, meta: dict) -> str:
@@ -118,8 +128,14 @@ def _retrieval_markdown(rows: list, meta: dict) -> str:
         sub = [r for r in rows if r["length"] == L]
         tasks = list(dict.fromkeys(r["task"] for r in sub))
         cfgs = list(dict.fromkeys(r["config"] for r in sub))
-        nsamp = max(r["samples"] for r in sub)
-        lines += [f"### {L} tokens ({nsamp} samples per config, paired)", ""]
+        per_task = [r["samples"] for r in sub if r["task"] != "all"]
+        ns = f"{min(per_task)}" if min(per_task) == max(per_task) else f"{min(per_task)}-{max(per_task)}"
+        lines += [f"### {L} tokens ({ns} samples per task and config, paired)", ""]
+        specs = []
+        for c in cfgs:
+            spec = next(r["spec"] for r in sub if r["config"] == c)
+            specs.append(f"{c} = `{spec}`")
+        lines += ["Specs: " + "; ".join(specs) + ".", ""]
         lines.append("| config | " + " | ".join(tasks) + " | gap closed | prefill s |")
         lines.append("|---|" + "---|" * (len(tasks) + 2))
         for c in cfgs:
@@ -194,9 +210,12 @@ def build_report(out: Path) -> Path:
     parts = ["# sparsekit eval results", ""]
     if (out / "commands.txt").exists():
         parts += ["Commands that produced these files:", "", "```", (out / "commands.txt").read_text().strip(), "```", ""]
-    records = _dedupe(_load_jsonl(out / "retrieval.jsonl"))
+    records = _load_jsonl(out / "retrieval.jsonl")
     if records:
         meta = json.loads((out / "retrieval_meta.json").read_text()) if (out / "retrieval_meta.json").exists() else {}
+        for r in records:  # files written before records named their context: the meta says the layout
+            r.setdefault("context", "" if meta.get("shared", True) else r["task"])
+        records = _dedupe(records)
         order = [c["label"] for c in meta.get("configs", [])] or None
         rows = retrieval_summary(records, order)
         _write_csv(rows, out / "retrieval_summary.csv")

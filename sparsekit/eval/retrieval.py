@@ -1,15 +1,16 @@
 """Retrieval accuracy of attention configs on a real model (RULER-style tasks, exact match).
 
 Per (sample, config): one prefill of the context (sparse under the config), then for each
-question: the question is prefilled as a second chunk over the cached context
-(``q_offset`` = context length, through the same config), the answer is decoded greedily
-(decode steps are dense over the whole cache), and the cache is cropped back to the
-context for the next question. Results are appended to a JSONL file one line per question
+question: the question is prefilled as a second chunk over a copy of the cached context
+(``q_offset`` = context length, through the same config) and the answer is decoded greedily
+(decode steps are dense over the whole cache). The context's cache is copied rather than
+cropped back, because sliding-window cache layers (Gemma 3) cannot be cropped. Results are appended to a JSONL file one line per question
 as they come, so an interrupted run keeps what it measured and resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def _cache_of(out):
 
 
 @torch.no_grad()
-def _greedy(model, tok, cache, ids, n_ctx: int, q: Question, device) -> str:
+def _greedy(model, tok, cache, ids, q: Question, device) -> str:
     """Prefill ``ids`` (question) over ``cache``, decode up to ``q.max_new_tokens`` greedily."""
     eos = tok.eos_token_id
     out = model(ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
@@ -45,7 +46,6 @@ def _greedy(model, tok, cache, ids, n_ctx: int, q: Question, device) -> str:
         if step + 1 < q.max_new_tokens:
             out = model(torch.tensor([[nxt]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
             cache = _cache_of(out)
-    cache.crop(n_ctx - cache.get_seq_length())  # negative: drop the question and answer tokens
     return tok.decode(gen, skip_special_tokens=True)
 
 
@@ -61,15 +61,19 @@ def answer_sample(model, tok, sample: Sample, config: Config, device) -> list:
         t0 = time.perf_counter()
         out = model(ids.to(device), use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
+        if out.logits.is_cuda:
+            torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
         for qi, q in enumerate(sample.questions):
             t1 = time.perf_counter()
             q_ids = tok("Question: " + q.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            text = _greedy(model, tok, cache, q_ids, n_ctx, q, device)
+            last = qi == len(sample.questions) - 1
+            text = _greedy(model, tok, cache if last else copy.deepcopy(cache), q_ids, q, device)
             records.append(
                 dict(
                     length=sample.length,
                     sample=sample.index,
+                    context=sample.context,
                     seed=sample.seed,
                     n_tokens=n_ctx,
                     config=config.label,
@@ -92,7 +96,7 @@ def _done(path: Path) -> set:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["length"], r["sample"], r["config"]))
+                done.add((r["length"], r["sample"], r.get("context", ""), r["config"]))
     return done
 
 
@@ -103,7 +107,7 @@ def run_retrieval(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done(out_path)
-    todo = [(s, c) for s in samples for c in configs if (s.length, s.index, c.label) not in done]
+    todo = [(s, c) for s in samples for c in configs if (s.length, s.index, s.context, c.label) not in done]
     bar = None
     if progress:
         from tqdm.auto import tqdm

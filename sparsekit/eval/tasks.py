@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["TASKS", "Question", "Sample", "filler_paragraphs", "make_samples", "score"]
+__all__ = ["TASKS", "Question", "Sample", "filler_paragraphs", "make_samples", "score", "recall"]
 
 TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vt")
 
@@ -60,11 +60,15 @@ class Question:
 
 @dataclass
 class Sample:
-    """One context and its questions. ``needles`` are (text, depth in [0, 1]) pairs."""
+    """One context and its questions. ``needles`` are (text, depth in [0, 1]) pairs.
+
+    ``(index, context)`` identifies a sample within a length: with one context per task
+    (``shared=False``) the same index exists once per task group."""
 
     index: int
     seed: int
     length: int
+    context: str = ""  # "" when every task shares the context; else the task group, e.g. "passkey"
     needles: list = field(default_factory=list)
     questions: list = field(default_factory=list)
     text: str = ""
@@ -249,7 +253,7 @@ def make_samples(
         for group in groups:
             s_seed = _mix(seed, length, i, group)
             rng = random.Random(s_seed)
-            sample = Sample(index=i, seed=s_seed, length=length)
+            sample = Sample(index=i, seed=s_seed, length=length, context="" if shared else ",".join(group))
             taken: set = set()
             for task in group:
                 needles, qs = _task_needles(task, rng, opts, taken)
@@ -314,7 +318,16 @@ def _assemble(needles, chosen) -> str:
 def score(question: Question, generated: str) -> bool:
     """Exact match: the first answer token group equals the answer (all answers for multi-answer tasks)."""
     if question.task in ("multivalue", "vt"):
-        found = set(re.findall(r"[A-Z]{5}" if question.task == "vt" else r"\d+", generated))
-        return all(a in found for a in question.answers)
+        return recall(question.task, question.answers, generated) == 1.0
     m = re.search(r"\d+", generated)
     return bool(m) and m.group(0) == question.answers[0]
+
+
+def recall(task: str, answers: Sequence[str], generated: str) -> float:
+    """Fraction of ``answers`` found in ``generated`` (partial credit for multivalue and vt, as
+    RULER's ``string_match_all``); for single-answer tasks the exact match as 0.0 or 1.0."""
+    if task in ("multivalue", "vt"):
+        found = set(re.findall(r"[A-Z]{5}" if task == "vt" else r"\d+", generated))
+        return sum(a in found for a in answers) / len(answers)
+    m = re.search(r"\d+", generated)
+    return float(bool(m) and m.group(0) == answers[0])
