@@ -188,7 +188,7 @@ def _plot_retrieval(rows: list, path: Path) -> None:
         ax.set_xlabel("context tokens")
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("exact match (95% Wilson CI)")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -51,7 +51,7 @@ def _plot_fidelity(res: dict, path: Path) -> None:
     except ImportError:
         return
     layers = res["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     for label, st in res["configs"].items():
         n = len(st["cos_mean"])
         axes[0].plot(layers[:n], st["cos_mean"], marker=".", label=label)
@@ -64,7 +64,7 @@ def _plot_fidelity(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cosine")
     axes[1].set_ylabel("Spearman ρ")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(f"{res['meta'].get('model', '')}: {res['text']}, {res['length']} tokens, query rows "
                  f"{res['rows'][0]}..{res['rows'][1]}", fontsize=9)
     fig.tight_layout()
