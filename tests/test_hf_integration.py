@@ -326,7 +326,7 @@ def test_delta_locality_statistics():
     # Δ constant within each block: repeat removes all the error
     blocks = torch.randn(B, H, nb, 1, D, generator=g).expand(B, H, nb, gamma, D).reshape(B, H, nb * gamma, D)
     st = delta_locality(blocks, gamma)
-    assert st["pooled_ratio_repeat"] < 1e-20 and st["pooled_helped_repeat"] == 1.0
+    assert st["pooled_ratio_repeat"] < 1e-20 and st["pooled_helped_repeat"] == 1.0 and st["pooled_cos"] > 1 - 1e-6
     # Δ varying linearly between anchors: linear interpolation is exact except the last block (held constant)
     a = torch.randn(B, H, nb + 1, 1, D, generator=g)
     beta = torch.arange(gamma, dtype=a.dtype)[:, None] / gamma
@@ -340,5 +340,6 @@ def test_delta_locality_statistics():
     noise = torch.randn(4, 8, 64 * 16, 64, generator=g)
     st = delta_locality(noise, 64)
     assert abs(st["pooled_ratio_repeat"] - 2.0) < 0.05 and st["ratio_repeat"][0] == 0.0
+    assert abs(st["pooled_cos"]) < 0.02 and abs(st["cos"][0] - 1.0) < 1e-6
     with pytest.raises(ValueError, match="multiple of gamma"):
         delta_locality(noise[:, :, :100], 64)

@@ -9,8 +9,9 @@ that row (in L2) exactly when the ratio of the two is below 1.
 Procedure: one dense forward captures q, k, v of every layer (as in the fidelity probe); per
 layer, the backend and dense attention give ``Δ`` for every row of the body (rows before the
 dense tail); per offset ``j`` we report the energy ratio ``Σ||Δ_{a+j} - Δ̂_{a+j}||² / Σ||Δ_{a+j}||²``
-over anchors and heads (below 1: the correction removes error on average) and the fraction of
-(anchor, head) pairs where it helps.
+over anchors and heads (below 1: the correction removes error on average), the fraction of
+(anchor, head) pairs where it helps, and the mean cosine between ``Δ_{a+j}`` and ``Δ_a`` (the
+statistic of the paper's Fig. 6b, which it averages over ``j`` per layer).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ __all__ = ["delta_locality", "run_locality"]
 def delta_locality(delta: torch.Tensor, gamma: int) -> dict:
     """Locality statistics of ``delta [B, H, n_body, D]`` (``n_body`` a multiple of ``gamma``).
 
-    Returns per offset ``j = 0..gamma-1`` (lists): ``ratio_repeat``, ``ratio_linear`` (energy ratios)
-    and ``helped_repeat``, ``helped_linear`` (fractions), plus their values pooled over ``j >= 1``.
+    Returns per offset ``j = 0..gamma-1`` (lists): ``ratio_repeat``, ``ratio_linear`` (energy ratios),
+    ``helped_repeat``, ``helped_linear`` (fractions) and ``cos`` (mean cosine of ``Δ_{a+j}`` with the
+    anchor's ``Δ_a``, the paper's Fig. 6b statistic), plus their values pooled over ``j >= 1``.
     """
     B, H, n, D = delta.shape
     if n % gamma or n < 2 * gamma:
@@ -39,7 +41,8 @@ def delta_locality(delta: torch.Tensor, gamma: int) -> dict:
     beta = (torch.arange(gamma, dtype=torch.float64, device=d.device) / gamma)[:, None]
     est = {"repeat": anchor.expand_as(d), "linear": (1 - beta) * anchor + beta * nxt}
     base = d.square().sum(-1)  # [B,H,nb,gamma]
-    out: dict = {}
+    cos = torch.nn.functional.cosine_similarity(d, anchor.expand_as(d), dim=-1)  # [B,H,nb,gamma]
+    out: dict = {"cos": cos.mean((0, 1, 2)).tolist(), "pooled_cos": float(cos[..., 1:].mean())}
     for name, e in est.items():
         err = (d - e).square().sum(-1)
         out[f"ratio_{name}"] = (err.sum((0, 1, 2)) / base.sum((0, 1, 2)).clamp_min(1e-300)).tolist()

@@ -130,16 +130,21 @@ def _locality_section(out: Path) -> list:
              f"Input: first {res['length']} tokens of `{res['text']}`, backend `{res['backend']}`, γ = {g}, body rows "
              f"0..{res['n_body'] - 1}. Energy ratio Σ‖Δ_row − Δ̂_row‖² / Σ‖Δ_row‖² over the γ−1 rows after each anchor "
              "(below 1: the correction removes error; above 1: it adds error), and the fraction of (anchor, head, row) "
-             "where it removes error. Plot: `locality.png`.", "",
-             "| layer | ratio, repeat | ratio, linear | helped, repeat | helped, linear |", "|---|---|---|---|---|"]
+             "where it removes error; cos: mean cosine of the row's Δ with the anchor's Δ (the paper's Fig. 6b). "
+             "Plot: `locality.png`.", "",
+             "| layer | ratio, repeat | ratio, linear | helped, repeat | helped, linear | cos(Δ_row, Δ_anchor) |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name, st):
+        cos = f"{st['pooled_cos']:.2f}" if "pooled_cos" in st else ""
+        return (f"| {name} | {st['pooled_ratio_repeat']:.2f} | {st['pooled_ratio_linear']:.2f} | "
+                f"{100 * st['pooled_helped_repeat']:.0f}% | {100 * st['pooled_helped_linear']:.0f}% | {cos} |")
+
     for layer, st in layers.items():
-        lines.append(f"| {layer} | {st['pooled_ratio_repeat']:.2f} | {st['pooled_ratio_linear']:.2f} | "
-                     f"{100 * st['pooled_helped_repeat']:.0f}% | {100 * st['pooled_helped_linear']:.0f}% |")
+        lines.append(row(layer, st))
     n = len(layers)
-    mean = {k: sum(st[k] for st in layers.values()) / n
-            for k in ("pooled_ratio_repeat", "pooled_ratio_linear", "pooled_helped_repeat", "pooled_helped_linear")}
-    lines.append(f"| mean | {mean['pooled_ratio_repeat']:.2f} | {mean['pooled_ratio_linear']:.2f} | "
-                 f"{100 * mean['pooled_helped_repeat']:.0f}% | {100 * mean['pooled_helped_linear']:.0f}% |")
+    keys = [k for k in next(iter(layers.values())) if k.startswith("pooled_")]
+    lines.append(row("mean", {k: sum(st[k] for st in layers.values()) / n for k in keys}))
     by_j = [sum(st["ratio_repeat"][j] for st in layers.values()) / n for j in range(g)]
     marks = [j for j in (1, 2, 4, 8, 16, 32, g - 1) if j < g]
     lines += ["", "Energy ratio (repeat) by offset from the anchor, mean over layers: "
