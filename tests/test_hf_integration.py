@@ -343,3 +343,17 @@ def test_delta_locality_statistics():
     assert abs(st["pooled_cos"]) < 0.02 and abs(st["cos"][0] - 1.0) < 1e-6
     with pytest.raises(ValueError, match="multiple of gamma"):
         delta_locality(noise[:, :, :100], 64)
+
+
+def test_capture_skips_the_models_own_sliding_layers(model, monkeypatch):
+    from sparsekit.eval.fidelity import capture_qkv
+    from sparsekit.hf import attention_modules
+
+    tok = _CharTokenizer()
+    captured, scales, _ = capture_qkv(model, tok, text="argparse.py", length=300, device="cpu")
+    assert sorted(captured) == [0, 1, 2, 3] and captured[0][0].shape == (1, 4, 300, 16)
+    assert captured[0][1].shape == (1, 2, 300, 16)  # K/V keep their KV heads (GQA not repeated)
+    module = dict(attention_modules(model))[2]
+    monkeypatch.setattr(module, "sliding_window", 64, raising=False)
+    captured, _, _ = capture_qkv(model, tok, text="argparse.py", length=300, device="cpu")
+    assert sorted(captured) == [0, 1, 3]

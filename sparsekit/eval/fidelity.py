@@ -134,7 +134,8 @@ def capture_qkv(model, tok, *, text: str, length: int, device) -> tuple:
     """Dense forward over the first ``length`` tokens of stdlib file ``text``.
 
     Returns ``(captured, scales, seconds)``: ``captured[layer] = (q, k, v)`` float32 on the model's
-    device (q ``[1, Hq, N, D]``, k/v ``[1, Hkv, N, D]``, after RoPE), ``scales[layer]`` the softmax scale.
+    device (q ``[1, Hq, N, D]``, k/v ``[1, Hkv, N, D]``, after RoPE) for every full-attention layer
+    (the model's own sliding-window layers are left out), ``scales[layer]`` the softmax scale.
     """
     from sparsekit.hf import attention_modules, use
 
@@ -152,7 +153,13 @@ def capture_qkv(model, tok, *, text: str, length: int, device) -> tuple:
     t0 = time.perf_counter()
     with use(model, None, capture=capture):
         model(ids, use_cache=False, logits_to_keep=1)
-    scales = {idx: float(m.scaling) for idx, m in attention_modules(model)}
+    modules = dict(attention_modules(model))
+    scales = {idx: float(m.scaling) for idx, m in modules.items()}
+    # layers the model itself runs as sliding-window (Gemma 3's local layers) are not dense there:
+    # comparing a config with dense attention on them would measure nothing the model does
+    for idx, m in modules.items():
+        if getattr(m, "sliding_window", None):
+            captured.pop(idx, None)
     return captured, scales, time.perf_counter() - t0
 
 
