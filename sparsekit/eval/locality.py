@@ -35,11 +35,13 @@ def delta_locality(delta: torch.Tensor, gamma: int) -> dict:
     B, H, n, D = delta.shape
     if n % gamma or n < 2 * gamma:
         raise ValueError(f"delta_locality: body length {n} must be a multiple of gamma={gamma}, at least 2 blocks")
+    from sparsekit.spec import build
+
     d = delta.double().reshape(B, H, n // gamma, gamma, D)
     anchor = d[:, :, :, :1]  # [B,H,nb,1,D]
-    nxt = torch.cat([anchor[:, :, 1:], anchor[:, :, -1:]], dim=2)
-    beta = (torch.arange(gamma, dtype=torch.float64, device=d.device) / gamma)[:, None]
-    est = {"repeat": anchor.expand_as(d), "linear": (1 - beta) * anchor + beta * nxt}
+    # the estimates are exactly what the Delta corrector adds: the registered interpolations' spread
+    est = {name: build("interpolation", name).spread(anchor[:, :, :, 0], gamma, n).reshape(d.shape)
+           for name in ("repeat", "linear")}
     base = d.square().sum(-1)  # [B,H,nb,gamma]
     cos = torch.nn.functional.cosine_similarity(d, anchor.expand_as(d), dim=-1)  # [B,H,nb,gamma]
     out: dict = {"cos": cos.mean((0, 1, 2)).tolist(), "pooled_cos": float(cos[..., 1:].mean())}

@@ -31,6 +31,18 @@ def _dedupe(records: list) -> list:
     return out
 
 
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed (plots are skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def _order(labels, preferred) -> list:
     pref = [p for p in preferred if p in labels]
     return pref + sorted(l for l in labels if l not in pref)
@@ -165,12 +177,8 @@ def _retrieval_markdown(rows: list, meta: dict) -> str:
 
 
 def _plot_retrieval(rows: list, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cfgs = list(dict.fromkeys(r["config"] for r in rows))

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from .report import pyplot
+
 __all__ = ["sections"]
 
 
@@ -43,12 +45,8 @@ def _ppl_section(out: Path) -> list:
 
 
 def _plot_fidelity(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     layers = res["layers"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
@@ -153,12 +151,8 @@ def _locality_section(out: Path) -> list:
 
 
 def _plot_locality(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     layers = res["layers"]
