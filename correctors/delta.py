@@ -7,7 +7,7 @@ from typing import ClassVar, Union
 
 import torch
 
-from sparsekit.anchored import AnchoredCorrector
+from sparsekit.correctors.anchored import AnchoredCorrector
 from sparsekit.base import Interpolation
 from sparsekit.contract import AttentionResult
 from sparsekit.reference import compute_dtype
@@ -40,6 +40,9 @@ class Delta(AnchoredCorrector):
         Dense tail rows; None = ``nq % gamma + max(128, gamma)`` (the official code).
     interpolation : str, dict or Interpolation
         ``"repeat"`` (paper default), ``"linear"``, ``"ema"``, ``"abg"`` or any registered scheme.
+
+    A non-finite Δ (a NaN or inf in the anchor's dense or sparse row) is not spread: its block's
+    other rows keep their uncorrected sparse values, so one bad row stays one bad row.
     """
 
     name: ClassVar[str] = "delta"
@@ -49,29 +52,29 @@ class Delta(AnchoredCorrector):
         super().__post_init__()
         self.interpolation = build("interpolation", self.interpolation)
 
-    def combine(self, plan, rows, sparse, dense) -> AttentionResult:
+    def mix(self, rows, sparse, dense) -> AttentionResult:
         """Corrected result from the sparse result and the dense anchor + tail rows.
 
-        On CUDA, ``repeat`` and ``linear`` run as one fused pass over the output
+        On CUDA, the first-party ``repeat`` and ``linear`` run as one fused pass over the output
         (:func:`sparsekit.kernels.delta_apply`) that writes into the sparse result's buffers;
-        other schemes and CPU tensors use the torch code below (same semantics).
+        other schemes and CPU tensors use the torch code below (same semantics). A block whose Δ
+        (or Δlse) holds a non-finite value is not corrected: its rows keep the sparse values.
         """
-        nb, nbody = plan.n_blocks, plan.n_body
-        scheme = getattr(self.interpolation, "name", None)
-        if sparse.out.is_cuda and scheme in ("repeat", "linear") and type(self.interpolation).__module__.startswith(
-            "sparsekit.interpolation."
-        ):
+        nb, nbody = rows.n_blocks, rows.n_body
+        fused = type(self.interpolation).__dict__.get("fused")  # declared by the class itself, not inherited
+        if sparse.out.is_cuda and fused is not None:
             from sparsekit import kernels
 
-            fused = kernels.delta_apply(sparse, dense, gamma=self.gamma, n_body=nbody, scheme=scheme)
-            if fused is not None:
-                return fused
-        anchors = rows[:nb]
+            res = kernels.delta_apply(sparse, dense, gamma=self.gamma, n_body=nbody, linear=fused == "linear")
+            if res is not None:
+                return res
+        anchors = rows.anchors(sparse.out.device)
         cd = compute_dtype(sparse.out.dtype)
         D = sparse.out.shape[-1]
         delta = dense.out[:, :, :nb].to(cd) - sparse.out.index_select(2, anchors).to(cd)
         dlse = dense.lse[:, :, :nb] - sparse.lse.index_select(2, anchors)
         ext = torch.cat([delta, dlse.unsqueeze(-1).to(cd)], dim=-1)  # spread out and lse together
+        ext = ext.masked_fill(~torch.isfinite(ext).all(-1, keepdim=True), 0.0)
         per_row = self.interpolation.spread(ext, self.gamma, nbody)
         body_out = sparse.out[:, :, :nbody].to(cd) + per_row[..., :D]
         body_lse = sparse.lse[:, :, :nbody] + per_row[..., D].float()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sparsekit.anchored import AnchoredCorrector
+from sparsekit.correctors.anchored import AnchoredCorrector
 from sparsekit.contract import AttentionResult
 
 
@@ -20,17 +20,18 @@ class Recompute(AnchoredCorrector):
 
     name: ClassVar[str] = "recompute"
 
-    def combine(self, plan, rows, sparse, dense) -> AttentionResult:
-        from sparsekit.kernels import _dense_layout
+    def mix(self, rows, sparse, dense) -> AttentionResult:
+        from sparsekit.kernels import dense_layout
 
-        if sparse.out.is_cuda and _dense_layout(sparse.out) and _dense_layout(sparse.lse):
+        idx = rows.dense_rows(sparse.out.device)
+        if sparse.out.is_cuda and dense_layout(sparse.out) and dense_layout(sparse.lse):
             # write the dense rows into the sparse buffers: no second N-row buffer
             out, lse = sparse.out, sparse.lse
-            out.index_copy_(2, rows, dense.out.to(out.dtype))
-            lse.index_copy_(2, rows, dense.lse.to(lse.dtype))
+            out.index_copy_(2, idx, dense.out.to(out.dtype))
+            lse.index_copy_(2, idx, dense.lse.to(lse.dtype))
             return AttentionResult(out, lse)
         out = sparse.out.clone()
         lse = sparse.lse.clone()
-        out[:, :, rows] = dense.out.to(out.dtype)
-        lse[:, :, rows] = dense.lse
+        out[:, :, idx] = dense.out.to(out.dtype)
+        lse[:, :, idx] = dense.lse
         return AttentionResult(out, lse)

@@ -1,20 +1,27 @@
 """What a plug-in owes: the three base classes.
 
-A third-party package subclasses one of these as a ``@dataclass`` (its fields are its
-options), sets ``name``, and registers it under the entry-point group
-``sparsekit.backends``, ``sparsekit.correctors`` or ``sparsekit.interpolations``.
+A third-party package subclasses one of these as a ``@dataclass`` (its fields are its options),
+sets ``name``, and registers it under the entry-point group ``sparsekit.backends``,
+``sparsekit.correctors`` or ``sparsekit.interpolations``.
+
+* a **backend** writes one method, :meth:`Backend.pattern`: which keys each query row sees, as a
+  :class:`~sparsekit.pattern.Pattern`. Running it (on every device), its keep-mask and its cost
+  come from sparsekit;
+* a **corrector** says which rows it computes key-dense (:meth:`Corrector.rows`) and how it
+  combines them with the backend's rows (:meth:`Corrector.combine`);
+* an **interpolation** says how Δ measured at anchor rows spreads over the rows between them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar, Optional
 
 import torch
 
 from .contract import AttentionResult
+from .spec import format_spec, option_names, to_dict
 
-__all__ = ["Plugin", "Backend", "Corrector", "Interpolation"]
+__all__ = ["Plugin", "Backend", "Corrector", "Interpolation", "option_names"]
 
 
 class Plugin:
@@ -25,76 +32,117 @@ class Plugin:
 
     def options(self) -> dict:
         """The plug-in's options as a plain dict (nested plug-ins as dicts)."""
-        from .spec import to_dict
-
         d = to_dict(self)
         d.pop("name")
         return d
 
     def __str__(self) -> str:
-        from .spec import format_spec
-
         return format_spec(self)
 
 
-class Backend(Plugin):
-    """A sparse (or dense) prefill attention method.
+def _shape_only(nq: int, nk: int):
+    """Stand-in q, k of the given lengths that hold no data (stride-0 views of one element)."""
+    one = torch.zeros(1)
+    return one.expand(1, 1, nq, 1), one.expand(1, 1, nk, 1)
 
-    Subclasses implement :meth:`prefill` and :meth:`pattern`; :meth:`pattern` is the
-    exact truth of which key each query row sees, used by the CPU reference and tests.
+
+class Backend(Plugin):
+    """A sparse (or dense) prefill attention method: it says which keys each query row sees.
+
+    Subclasses implement :meth:`pattern` only. :meth:`prefill` (run it through the executor on
+    any device), :meth:`mask` (its keep-mask) and :meth:`cost` (its exact pair count) come from
+    here. A backend whose pattern depends on the values of q and k (top-k selection, estimation)
+    sets ``data_dependent = True``; its cost then comes from a plan
+    (``SparseAttention.plan(q, k).cost()``).
     """
 
     kind: ClassVar[str] = "backend"
+    data_dependent: ClassVar[bool] = False
 
-    def prefill(self, q, k, v, *, scale: float, q_offset: int) -> AttentionResult:
-        """Attention of every query row over the keys this backend selects.
+    def pattern(self, q, k, *, scale: float, q_offset: int):
+        """Which keys each query row of q sees, as a :class:`~sparsekit.pattern.Pattern`.
 
         Parameters
         ----------
         q : (batch, q_heads, q_len, head_dim)
-        k, v : (batch, kv_heads, kv_len, head_dim); ``q_heads % kv_heads == 0``
+        k : (batch, kv_heads, kv_len, head_dim); ``q_heads % kv_heads == 0``
         scale : float
+            The softmax scale (for backends that estimate attention to select keys).
         q_offset : int
-            Row i is at absolute position ``q_offset + i``; it may see keys ``0..q_offset + i``.
+            Row i sits at absolute position ``q_offset + i``; it may see keys ``0..q_offset + i``.
 
-        Returns
-        -------
-        AttentionResult with out (batch, q_heads, q_len, head_dim) in q's dtype and
-        lse (batch, q_heads, q_len) float32, natural log, over exactly the attended keys.
+        Data-dependent selection (scoring, top-k) happens here. The pattern must be causal (the
+        executor applies causality anyway) and be built on q's device.
         """
-        raise NotImplementedError
-
-    def pattern(self, q, k, *, scale: float, q_offset: int) -> torch.Tensor:
-        """Boolean keep-mask broadcastable to (batch, q_heads, q_len, kv_len). Small sizes only."""
-        raise NotImplementedError
-
-    def cost(self, nq: int, nk: int, q_offset: int) -> int:
-        """(query, key) pairs attended per batch item and query head."""
-        raise NotImplementedError
+        raise NotImplementedError(f"backend {self.name!r} must implement pattern(q, k, *, scale, q_offset)")
 
     def unsupported(self, q, k, v) -> Optional[str]:
         """A reason this backend cannot run these inputs, or None. Checked before dispatch."""
         return None
 
+    # ------------------------------------------------------------------ derived
+    def prefill(self, q, k, v, *, scale: Optional[float] = None, q_offset: Optional[int] = None) -> AttentionResult:
+        """Attention under :meth:`pattern`, by the executor (same shapes as ``SparseAttention``)."""
+        from .attention import SparseAttention
+
+        return SparseAttention(self).forward(q, k, v, scale=scale, q_offset=q_offset)
+
+    def mask(self, q, k, *, scale: Optional[float] = None, q_offset: int = 0) -> torch.Tensor:
+        """Boolean keep-mask ``[batch, q_heads, q_len, kv_len]`` of :meth:`pattern`. Small sizes only."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        p = self.pattern(q, k, scale=scale, q_offset=q_offset)
+        return p.expand(p.mask())
+
+    def cost(self, nq: int, nk: Optional[int] = None, q_offset: Optional[int] = None):
+        """(query, key) pairs attended per batch item and query head, for ``nq`` rows over ``nk`` keys.
+
+        Only for patterns that do not depend on the data; otherwise use ``plan(q, k).cost()``.
+        """
+        from .validate import check_lengths
+
+        nq, nk, q_offset = check_lengths(nq, nk, q_offset)
+        if self.data_dependent:
+            raise ValueError(
+                f"backend {self.name!r} selects keys from the values of q and k, so its cost depends on the "
+                "data: use SparseAttention(...).plan(q, k).cost()"
+            )
+        q, k = _shape_only(nq, nk)
+        return self.pattern(q, k, scale=1.0, q_offset=q_offset).mean_pairs()
+
 
 class Corrector(Plugin):
-    """Wraps any backend's result and corrects it with key-dense rows."""
+    """Corrects a backend's result with rows computed over their whole causal prefix.
+
+    Subclasses implement :meth:`rows` (which rows are computed key-dense: an object with
+    ``dense_rows(device) -> LongTensor`` ascending, ``needs_sparse: bool`` and ``n_sparse: int``,
+    the rows ``0..n_sparse-1`` whose backend values it reads, such as
+    :class:`~sparsekit.rows.RowPlan`) and :meth:`combine`. sparsekit computes those rows with the
+    same executor as the backend and never tells the corrector which backend it wraps.
+
+    ``row_linear = True`` declares that :meth:`combine`'s output rows are a fixed linear mix of
+    sparse and dense rows, channel by channel (true of Δ, recompute, tail-only); the fidelity probe
+    of ``sparsekit eval`` reads effective attention rows through it.
+    """
 
     kind: ClassVar[str] = "corrector"
+    row_linear: ClassVar[bool] = False
 
-    def needs_sparse(self, nq: int) -> bool:
-        """Whether :meth:`correct` uses the backend's result at all for ``nq`` rows."""
-        return True
+    def rows(self, nq: int):
+        """Which of ``nq`` query rows are computed key-dense (see the class docstring)."""
+        raise NotImplementedError(f"corrector {self.name!r} must implement rows(nq)")
 
-    def correct(
-        self, sparse: Optional[AttentionResult], q, k, v, *, scale: float, q_offset: int
-    ) -> AttentionResult:
-        """Return the corrected result; ``sparse`` is None when :meth:`needs_sparse` is False."""
-        raise NotImplementedError
+    def combine(self, rows, sparse: Optional[AttentionResult], dense: AttentionResult) -> AttentionResult:
+        """The corrected result.
 
-    def extra_cost(self, nq: int, nk: int, q_offset: int) -> int:
-        """(query, key) pairs the corrector attends on top of the backend, per batch and head."""
-        raise NotImplementedError
+        Parameters
+        ----------
+        rows : what :meth:`rows` returned for this call
+        sparse : the backend's result, (batch, q_heads, q_len, ·): rows ``0..rows.n_sparse-1`` hold
+            the backend's values, later rows are not computed (the buffer is there so the corrector can
+            write every row in place); None when ``rows.needs_sparse`` is False
+        dense : the key-dense rows ``rows.dense_rows()``, in that order, (batch, q_heads, R, ·)
+        """
+        raise NotImplementedError(f"corrector {self.name!r} must implement combine(rows, sparse, dense)")
 
 
 class Interpolation(Plugin):
@@ -117,8 +165,4 @@ class Interpolation(Plugin):
         (..., n_body, C): the correction added to each body row. Anchor rows are
         overwritten with the exact dense row afterwards, whatever this returns there.
         """
-        raise NotImplementedError
-
-
-def option_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        raise NotImplementedError(f"interpolation {self.name!r} must implement spread(delta, gamma, n_body)")

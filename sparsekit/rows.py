@@ -43,6 +43,16 @@ class RowPlan:
     n_body: int
 
     @property
+    def needs_sparse(self) -> bool:
+        """Whether any row keeps the backend's (sparse) result: False when the tail is every row."""
+        return self.n_body > 0
+
+    @property
+    def n_sparse(self) -> int:
+        """Rows ``0..n_sparse-1`` need the backend's values (the body); the tail's are not computed."""
+        return self.n_body
+
+    @property
     def n_tail(self) -> int:
         return self.nq - self.n_body
 
@@ -75,7 +85,8 @@ class RowPlan:
 
 def plan_rows(nq: int, gamma: int, tail: int | None = None) -> RowPlan:
     """Return the :class:`RowPlan` for ``nq`` query rows, stride ``gamma``, optional tail override."""
-    check_int_option("plan_rows", "gamma", gamma, 1)
-    check_int_option("plan_rows", "tail", tail, 0, allow_none=True)
+    nq = check_int_option("plan_rows", "nq", nq, 0)
+    gamma = check_int_option("plan_rows", "gamma", gamma, 1)
+    tail = check_int_option("plan_rows", "tail", tail, 0, allow_none=True)
     n_tail = default_tail(nq, gamma) if tail is None else min(nq, tail)
     return RowPlan(nq=nq, gamma=gamma, n_body=nq - n_tail)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["parse_spec", "format_spec", "to_dict", "build", "SpecError"]
+__all__ = ["parse_spec", "format_spec", "to_dict", "build", "instantiate", "option_names", "is_plugin", "SpecError"]
+
+_KINDS = ("backend", "corrector", "interpolation")
 
 
 class SpecError(ValueError):
@@ -111,7 +113,7 @@ def to_dict(obj) -> dict:
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
             val = getattr(obj, f.name)
-            d[f.name] = to_dict(val) if hasattr(val, "kind") and hasattr(val, "name") else val
+            d[f.name] = to_dict(val) if is_plugin(val) else val
     return d
 
 
@@ -147,12 +149,21 @@ def format_spec(*objs) -> str:
 
 
 # ---------------------------------------------------------------------------- building
+def is_plugin(obj) -> bool:
+    """A plug-in instance: it has a ``name`` and a ``kind`` (backend, corrector or interpolation)."""
+    return not isinstance(obj, type) and getattr(obj, "kind", None) in _KINDS and bool(getattr(obj, "name", ""))
+
+
+def option_names(cls) -> list:
+    """The dataclass fields of a plug-in class: its options."""
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
 def build(kind: str, spec) -> Any:
     """Instantiate a plug-in of ``kind`` from a name, a dict, a string, or an instance."""
-    from .base import Plugin
     from .registry import registry_for
 
-    if isinstance(spec, Plugin):
+    if is_plugin(spec):
         if spec.kind != kind:
             raise TypeError(f"expected a {kind}, got the {spec.kind} {spec.name!r}")
         return spec
@@ -174,8 +185,6 @@ def build(kind: str, spec) -> Any:
 
 def instantiate(cls, options: dict):
     """``cls(**options)`` with an error that lists the valid options when one is unknown."""
-    from .base import option_names
-
     valid = option_names(cls)
     unknown = [k for k in options if k not in valid]
     if unknown:

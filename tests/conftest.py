@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,15 @@ settings.register_profile(
 settings.load_profile("ci")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# the third-party plug-in of tests/plugin_pkg joins the property matrix in-process (tests/test_api.py
+# also installs it as a package and uses it through its entry point)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "plugin_pkg"))
+from sparsekit_toy import Strided  # noqa: E402
+
+import sparsekit  # noqa: E402
+
+sparsekit.register_backend("strided", Strided)
 
 
 def pytest_collection_modifyitems(config, items):

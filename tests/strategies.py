@@ -68,3 +68,18 @@ def _vertical_slash_options(draw):
 
 
 BACKEND_OPTIONS["vertical_slash"] = _vertical_slash_options()
+
+
+@st.composite
+def _strided_options(draw):
+    """The third-party plug-in's block pattern, small blocks so it is sparse at N <= 600."""
+    bk = draw(st.sampled_from([4, 8, 16]))
+    return {
+        "block_q": bk * draw(st.sampled_from([1, 2, 4])),
+        "block_k": bk,
+        "local": draw(st.integers(1, 4)),
+        "stride": draw(st.integers(1, 12)),
+    }
+
+
+BACKEND_OPTIONS["strided"] = _strided_options()

@@ -184,6 +184,7 @@ def test_padded_batch_is_refused(model, ids):
 
 
 # ------------------------------------------------------------------------------ eval harness (tiny, no download)
+# (the pieces that need no model are tested without transformers in tests/test_eval_*.py)
 class _CharTokenizer:
     """Byte-level stand-in for a real tokenizer: enough for the harness's plumbing."""
 
@@ -197,35 +198,12 @@ class _CharTokenizer:
         return "".join(chr(i) for i in ids if i)
 
 
-def test_tasks_are_deterministic_and_scored():
-    from sparsekit.eval.tasks import make_samples, recall, score
-
-    tok = _CharTokenizer()
-    a = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=5, key_type="word")
-    b = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=5, key_type="word")
-    c = make_samples(tok, ["passkey", "multikey", "multiquery", "vt"], 3000, 2, seed=6, key_type="word")
-    assert [s.text for s in a] == [s.text for s in b] and a[0].text != c[0].text
-    s = a[0]
-    assert 2500 < s.n_tokens <= 3000 - 96
-    for text, _ in s.needles:
-        assert text in s.text
-    q = s.questions[0]
-    assert q.task == "passkey" and score(q, f" {q.answers[0]}.") and not score(q, " 12.")
-    vt = next(q for q in s.questions if q.task == "vt")
-    assert score(vt, " " + ", ".join(vt.answers)) and not score(vt, " " + ", ".join(vt.answers[:-1]))
-    assert recall("vt", vt.answers, " " + ", ".join(vt.answers[:-1])) == (len(vt.answers) - 1) / len(vt.answers)
-    assert recall("passkey", q.answers, f"{q.answers[0]}") == 1.0 and recall("passkey", q.answers, "1") == 0.0
-    with pytest.raises(ValueError, match="unknown task"):
-        make_samples(tok, ["nope"], 3000, 1)
-
-
 def test_retrieval_runner_pairs_and_resumes(model, tmp_path):
-    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.configs import Config
     from sparsekit.eval.report import build_report
     from sparsekit.eval.retrieval import run_retrieval
     from sparsekit.eval.tasks import make_samples
 
-    prepare_registry()
     tok = _CharTokenizer()
     samples = make_samples(tok, ["passkey"], 400, 2, seed=0)
     cfgs = [Config("dense", None), Config("streaming", SPARSE), Config("streaming+tail", SPARSE + "+tailonly(gamma=16)")]
@@ -244,14 +222,13 @@ def test_one_context_per_task_resumes_and_reports_every_task(model, tmp_path):
     """shared=False: the same sample index exists once per task; resume and report must not merge them."""
     import json
 
-    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.configs import Config
     from sparsekit.eval.report import build_report
     from sparsekit.eval.retrieval import run_retrieval
     from sparsekit.eval.tasks import make_samples
 
-    prepare_registry()
     tok = _CharTokenizer()
-    samples = make_samples(tok, ["passkey", "multikey"], 400, 2, seed=0, shared=False, key_type="word")
+    samples = make_samples(tok, ["passkey", "multikey"], 400, 2, seed=0, shared=False, key_type="word", distractors=1)
     assert [(s.index, s.context) for s in samples] == [(0, "passkey"), (0, "multikey"), (1, "passkey"), (1, "multikey")]
     cfgs = [Config("dense", None), Config("streaming", SPARSE)]
     path = tmp_path / "retrieval.jsonl"
@@ -265,40 +242,51 @@ def test_one_context_per_task_resumes_and_reports_every_task(model, tmp_path):
     assert "| config | passkey | multikey | all |" in md
 
 
-def test_fidelity_effective_rows_reconstruct_outputs():
-    from sparsekit import SparseAttention
-    from sparsekit.eval.configs import prepare_registry
-    from sparsekit.eval.fidelity import effective_rows, rankdata, spearman
+def test_perplexity_runner_scores_the_last_tokens_and_resumes(model, tmp_path, monkeypatch):
+    import json
+    import math
 
-    prepare_registry()
-    g = torch.Generator().manual_seed(0)
-    N = 300
-    q, k, v = (torch.randn(1, h, N, 8, generator=g) for h in (4, 2, 2))
-    rows = torch.arange(100, 140)
-    for spec in ["streaming(window=16,sink=2)", "streaming(window=16,sink=2)+recompute(gamma=8)",
-                 "streaming(window=16,sink=2)+tailonly(gamma=8)", "streaming(window=16,sink=2)+delta(gamma=8)",
-                 "streaming(window=16,sink=2)+delta(gamma=8,interpolation=linear)"]:
-        a = SparseAttention.from_string(spec)
-        out = a(q, k, v, scale=0.5)[:, :, rows].double()
-        A = effective_rows(a, q, k, scale=0.5, rows=rows)
-        torch.testing.assert_close(A @ v.double().repeat_interleave(2, 1), out, rtol=1e-5, atol=1e-5)
-    assert rankdata(torch.tensor([[3.0, 1.0, 1.0, 2.0, 0.0]])).tolist() == [[4.0, 1.5, 1.5, 3.0, 0.0]]
-    x = torch.randn(2, 30, generator=g, dtype=torch.float64)
-    assert torch.allclose(spearman(x, x), torch.ones(2, dtype=torch.float64))
-    assert torch.allclose(spearman(x, -x), -torch.ones(2, dtype=torch.float64))
+    from sparsekit.eval import perplexity
+    from sparsekit.eval.configs import Config
+    from sparsekit.eval.report import build_report
+
+    tok = _CharTokenizer()
+    cfgs = [Config("dense", None), Config("streaming", SPARSE)]
+    perplexity.run_perplexity(model, tok, cfgs, tmp_path, length=300, last=50, texts=["argparse.py"], device="cpu",
+                              progress=False, meta={"model": "tiny"})
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    assert (res["length"], res["last"]) == (300, 50) and [r["config"] for r in res["rows"]] == ["dense", "streaming"]
+    # dense: the model's own next-token NLL of tokens 250..299 of the text's first 300 bytes
+    ids = tok(perplexity.stdlib_text("argparse.py"), return_tensors="pt")["input_ids"][:, :300]
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    want = torch.nn.functional.cross_entropy(logits[249:299], ids[0, 250:300], reduction="none")
+    dense, sparse = res["rows"]
+    torch.testing.assert_close(torch.tensor(dense["nll_tokens"], dtype=torch.float64), want, rtol=0, atol=1e-4)
+    assert dense["ppl"] == pytest.approx(math.exp(float(want.mean())), rel=1e-5)
+    assert abs(sparse["nll"] - dense["nll"]) > 1e-3  # the streaming window really changed the scored rows
+    # resume: nothing is recomputed for (text, config) pairs already stored
+    calls = []
+    monkeypatch.setattr(perplexity, "window_nll", lambda *a, **k: calls.append(1))
+    perplexity.run_perplexity(model, tok, cfgs, tmp_path, length=300, last=50, texts=["argparse.py"], device="cpu",
+                              progress=False)
+    assert calls == [] and len(json.loads((tmp_path / "ppl.json").read_text())["rows"]) == 2
+    md = build_report(tmp_path).read_text()
+    assert f"| argparse.py | dense | {dense['nll']:.4f} | {dense['ppl']:.3f} | +0.000 |  |" in md
+    with pytest.raises(ValueError, match="--last"):
+        perplexity.run_perplexity(model, tok, cfgs, tmp_path, length=50, last=50, texts=["argparse.py"], device="cpu")
 
 
 def test_questions_of_a_sample_do_not_see_each_other(model, monkeypatch):
     """Each question is answered over the context alone: order of questions does not matter."""
     from dataclasses import replace
 
-    from sparsekit.eval.configs import Config, prepare_registry
+    from sparsekit.eval.configs import Config
     from sparsekit.eval.retrieval import answer_sample
     from sparsekit.eval.tasks import make_samples
 
-    prepare_registry()
     tok = _CharTokenizer()
-    s = make_samples(tok, ["multiquery"], 400, 1, seed=1, queries=3, key_type="word")[0]
+    s = make_samples(tok, ["multiquery"], 400, 1, seed=1, queries=2, key_type="word")[0]
     cfg = Config("streaming+delta", SPARSE + "+delta(gamma=16)")
     fwd = answer_sample(model, tok, s, cfg, "cpu")
     rev = answer_sample(model, tok, replace(s, questions=s.questions[::-1]), cfg, "cpu")
@@ -315,34 +303,7 @@ def test_questions_of_a_sample_do_not_see_each_other(model, monkeypatch):
 
     monkeypatch.setattr(model, "forward", spy)
     answer_sample(model, tok, s, cfg, "cpu")
-    assert seen == [fwd[0]["n_tokens"]] * 3
-
-
-def test_delta_locality_statistics():
-    from sparsekit.eval.locality import delta_locality
-
-    g = torch.Generator().manual_seed(0)
-    B, H, nb, gamma, D = 1, 2, 6, 8, 16
-    # Δ constant within each block: repeat removes all the error
-    blocks = torch.randn(B, H, nb, 1, D, generator=g).expand(B, H, nb, gamma, D).reshape(B, H, nb * gamma, D)
-    st = delta_locality(blocks, gamma)
-    assert st["pooled_ratio_repeat"] < 1e-20 and st["pooled_helped_repeat"] == 1.0 and st["pooled_cos"] > 1 - 1e-6
-    # Δ varying linearly between anchors: linear interpolation is exact except the last block (held constant)
-    a = torch.randn(B, H, nb + 1, 1, D, generator=g)
-    beta = torch.arange(gamma, dtype=a.dtype)[:, None] / gamma
-    ramp = ((1 - beta) * a[:, :, :-1] + beta * a[:, :, 1:]).reshape(B, H, nb * gamma, D)
-    st = delta_locality(ramp, gamma)
-    assert max(st["ratio_linear"]) < 1.0 and st["pooled_ratio_linear"] < st["pooled_ratio_repeat"]
-    a[:, :, nb] = a[:, :, nb - 1]  # last block constant, as linear holds it: then linear is exact everywhere
-    exact = ((1 - beta) * a[:, :, :-1] + beta * a[:, :, 1:]).reshape(B, H, nb * gamma, D)
-    assert delta_locality(exact, gamma)["pooled_ratio_linear"] < 1e-12
-    # i.i.d. noise: the anchor says nothing about the next row, repeat doubles the error energy
-    noise = torch.randn(4, 8, 64 * 16, 64, generator=g)
-    st = delta_locality(noise, 64)
-    assert abs(st["pooled_ratio_repeat"] - 2.0) < 0.05 and st["ratio_repeat"][0] == 0.0
-    assert abs(st["pooled_cos"]) < 0.02 and abs(st["cos"][0] - 1.0) < 1e-6
-    with pytest.raises(ValueError, match="multiple of gamma"):
-        delta_locality(noise[:, :, :100], 64)
+    assert seen == [fwd[0]["n_tokens"]] * 2
 
 
 def test_capture_skips_the_models_own_sliding_layers(model, monkeypatch):

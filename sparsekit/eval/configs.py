@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-__all__ = ["Config", "default_grid", "parse_configs", "prepare_registry"]
+__all__ = ["Config", "default_grid", "parse_configs"]
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,6 @@ class Config:
 
         return None if self.spec is None else SparseAttention.from_string(self.spec)
 
-
-def prepare_registry() -> None:
-    """Make the eval-only ``tailonly`` control corrector resolvable by name (in-process)."""
-    from sparsekit.registry import CORRECTORS, register_corrector
-
-    from .tailonly import TailOnly
-
-    if "tailonly" not in CORRECTORS.names():
-        register_corrector("tailonly", TailOnly)
 
 
 def default_grid(

@@ -74,16 +74,16 @@ def _causal(rows: torch.Tensor, nk: int, device) -> torch.Tensor:
 def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor) -> Optional[torch.Tensor]:
     """Effective attention ``[B, Hq, R, Nk]`` (float64) of ``attn`` at query ``rows`` (absolute = row index, q_offset 0).
 
-    None when the corrector is of a kind this probe does not know.
+    The backend's rows come from its pattern for the whole call (data-dependent selection included).
+    A corrector declared ``row_linear`` (its output rows are a fixed linear mix of sparse and dense
+    rows) is read through :func:`mixing`; for any other corrector this returns None.
     """
-    from sparsekit.anchored import AnchoredCorrector
-    from sparsekit.correctors.delta import Delta
-
     N, nk = q.shape[2], k.shape[2]
     dev = q.device
+    pat = attn.backend.pattern(q, k, scale=scale, q_offset=0)
 
     def sparse_at(r):
-        return _rows_softmax(q[:, :, r], k, scale, _shifted_pattern(attn.backend, q, k, scale, r))
+        return _rows_softmax(q[:, :, r], k, scale, _pattern_rows(pat, r))
 
     def dense_at(r):
         return _rows_softmax(q[:, :, r], k, scale, _causal(r, nk, dev))
@@ -91,42 +91,53 @@ def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor) -> Optional[
     corr = attn.corrector
     if corr is None:
         return sparse_at(rows)
-    if not isinstance(corr, AnchoredCorrector):
+    if not getattr(corr, "row_linear", False):
         return None
-    plan = corr.plan(N)
-    dense_rows = plan.dense_rows(dev)
-    is_dense = torch.isin(rows, dense_rows)
-    base = sparse_at(rows)
-    if isinstance(corr, Delta):
-        body = rows < plan.n_body
-        anchors = plan.anchors(dev)
-        eye = torch.eye(plan.n_blocks, dtype=torch.float64, device=dev)[None, None]  # [1,1,nb,nb]
-        W = corr.interpolation.spread(eye, plan.gamma, plan.n_body)[0, 0]  # [n_body, nb]
-        diff = dense_at(anchors) - sparse_at(anchors)  # [B,Hq,nb,Nk]
-        wr = W[rows.clamp(max=plan.n_body - 1)] * body[:, None]  # [R, nb]
-        base = base + torch.einsum("rk,bhkn->bhrn", wr, diff)
-    elif type(corr).combine is AnchoredCorrector.combine:
-        return None
-    if is_dense.any():
-        base[:, :, is_dense] = dense_at(rows[is_dense])
-    return base
+    plan = corr.rows(N)
+    didx = plan.dense_rows(dev)
+    ms, md = mixing(corr, plan, N, didx.numel(), dev)
+    ms, md = ms[rows], md[rows]  # [R, N], [R, nd]
+    need_s = (ms != 0).any(0).nonzero().squeeze(1)
+    need_d = (md != 0).any(0).nonzero().squeeze(1)
+    out = torch.zeros(q.shape[0], q.shape[1], rows.numel(), nk, dtype=torch.float64, device=dev)
+    if need_s.numel():
+        out += torch.einsum("rj,bhjn->bhrn", ms[:, need_s].double(), sparse_at(need_s))
+    if need_d.numel():
+        out += torch.einsum("rj,bhjn->bhrn", md[:, need_d].double(), dense_at(didx[need_d]))
+    return out
 
 
-def _shifted_pattern(backend, q, k, scale, rows):
-    """Keep mask ``[..., R, Nk]`` of absolute ``rows`` (consecutive runs are asked in one call)."""
+def mixing(corr, plan, n: int, n_dense: int, device):
+    """The linear map of a ``row_linear`` corrector: ``(Ms [n, n], Md [n, n_dense])`` with
+    ``out[i] = Ms[i] @ sparse + Md[i] @ dense`` (channel by channel), read by running its
+    ``combine`` on identity inputs: sparse row j = unit vector j, dense row m = unit vector n + m."""
+    from sparsekit.contract import AttentionResult
+
+    C = n + n_dense
+    dt = torch.float64 if n * C <= (1 << 25) else torch.float32
+    s_out = torch.zeros(1, 1, n, C, dtype=dt, device=device)
+    s_out[0, 0, :, :n] = torch.eye(n, dtype=dt, device=device)
+    d_out = torch.zeros(1, 1, n_dense, C, dtype=dt, device=device)
+    d_out[0, 0, :, n:] = torch.eye(n_dense, dtype=dt, device=device)
+    z = lambda m: torch.zeros(1, 1, m, dtype=torch.float32, device=device)  # noqa: E731
+    res = corr.combine(plan, AttentionResult(s_out, z(n)) if plan.needs_sparse else None, AttentionResult(d_out, z(n_dense)))
+    m = res.out[0, 0]
+    return m[:, :n], m[:, n:]
+
+
+def _pattern_rows(pat, rows):
+    """Keep mask ``[B, Hq, R, Nk]`` of call rows ``rows`` (ascending; consecutive runs in one call)."""
     masks = []
     r = rows.tolist()
+    keys = torch.arange(pat.nk, device=pat.device)
     i = 0
     while i < len(r):
         j = i
         while j + 1 < len(r) and r[j + 1] == r[j] + 1:
             j += 1
-        m = backend.pattern(q[:, :, r[i] : r[j] + 1], k, scale=scale, q_offset=r[i])
-        masks.append(torch.as_tensor(m).expand(*m.shape[:-2], j - i + 1, k.shape[2]))
+        masks.append(pat.expand(pat.keep(r[i], r[j] + 1, keys)))
         i = j + 1
-    shapes = [m.shape[:-2] for m in masks]
-    lead = torch.broadcast_shapes(*shapes)
-    return torch.cat([m.expand(*lead, *m.shape[-2:]) for m in masks], dim=-2)
+    return torch.cat(masks, dim=-2)
 
 
 @torch.no_grad()
@@ -173,8 +184,8 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
     N = length
     tail = 0
     for a in attns.values():
-        if a.corrector is not None and hasattr(a.corrector, "plan"):
-            tail = max(tail, a.corrector.plan(N).n_tail)
+        if a.corrector is not None:
+            tail = max(tail, N - getattr(a.corrector.rows(N), "n_sparse", N))
     r1 = N - tail
     probe = torch.arange(r1 - rows, r1, device=next(iter(captured.values()))[0].device)
     result = dict(length=N, text=text, rows=[int(probe[0]), int(probe[-1])], capture_s=round(capture_s, 2),

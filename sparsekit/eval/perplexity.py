@@ -19,7 +19,7 @@ import torch
 
 from .configs import Config
 
-__all__ = ["run_perplexity", "stdlib_text", "window_nll"]
+__all__ = ["run_perplexity", "stdlib_text", "text_windows", "token_nll", "window_nll"]
 
 
 def stdlib_text(name: str) -> str:
@@ -30,23 +30,65 @@ def stdlib_text(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def text_windows(tok, texts: Sequence[str], length: int) -> dict:
+    """``{name: ids [1, length]}``: the first ``length`` tokens of each standard-library text.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a text shorter than ``length``
+    tokens (naming the option ``--length``).
+    """
+    windows = {}
+    for name in texts:
+        if name in windows:
+            continue
+        ids = tok(stdlib_text(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.shape[1] < length:
+            raise ValueError(f"{name} has only {ids.shape[1]} tokens with this tokenizer, fewer than --length {length}")
+        windows[name] = ids[:, :length]
+    return windows
+
+
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, last: int) -> torch.Tensor:
+    """Per-token NLL (nats, float64, ``[last]``) of the last ``last`` tokens of ``ids``.
+
+    Parameters
+    ----------
+    logits : ``[1, last + 1, V]`` (or longer: only the final ``last + 1`` positions are used)
+        Next-token logits; position ``j`` predicts token ``j + 1``, so the last position (which
+        predicts past the end) is dropped.
+    ids : ``[1, N]`` token ids, ``N > last``
+    last : number of scored tokens, ``>= 1``
+    """
+    if last < 1:
+        raise ValueError(f"token_nll: last must be >= 1, got {last}")
+    if ids.shape[1] <= last or logits.shape[1] < last + 1:
+        raise ValueError(
+            f"token_nll: need more than last={last} tokens and at least last + 1 logit positions, "
+            f"got ids {tuple(ids.shape)} and logits {tuple(logits.shape)}"
+        )
+    pred = logits[0, -(last + 1) : -1].double()
+    return torch.nn.functional.cross_entropy(pred, ids[0, -last:].to(pred.device), reduction="none")
+
+
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, config: Config, last: int) -> torch.Tensor:
-    """Per-token NLL (float64, ``[last]``) of the last ``last`` tokens of ``ids`` ``[1, N]``."""
+    """Per-token NLL (float64, ``[last]``) of the last ``last`` tokens of ``ids`` ``[1, N]`` under ``config``."""
     from sparsekit.hf import use
 
     with use(model, config.attention(), dense_layers=config.dense_layers):
-        logits = model(ids, use_cache=False, logits_to_keep=last + 1).logits[0, :-1].double()
-    target = ids[0, -last:]
-    return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        logits = model(ids, use_cache=False, logits_to_keep=last + 1).logits
+    return token_nll(logits, ids, last)
 
 
 def run_perplexity(model, tok, configs: Sequence[Config], out: Path, *, length: int, last: int,
                    texts: Sequence[str], device, progress: bool = True, meta: dict | None = None) -> Path:
-    """Write ``ppl.json`` (per text and config: mean NLL, perplexity, paired Δ vs dense)."""
-    if last >= length:
-        raise ValueError(f"ppl: --last ({last}) must be smaller than --length ({length})")
+    """Write ``ppl.json`` (per text and config: mean NLL, perplexity, the per-token NLLs), resuming.
+
+    Rows already in ``ppl.json`` for the same ``length`` and ``last`` are kept and not recomputed.
+    """
+    if not 1 <= last < length:
+        raise ValueError(f"ppl: --last ({last}) must be at least 1 and smaller than --length ({length})")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "ppl.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     if result.get("length") not in (None, length) or result.get("last") not in (None, last):
@@ -60,16 +102,11 @@ def run_perplexity(model, tok, configs: Sequence[Config], out: Path, *, length: 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="ppl", unit="prefill", dynamic_ncols=True)
-    nll_cache: dict = {}
+    windows = text_windows(tok, [t for t, _ in todo], length)
     for name, c in todo:
-        ids = tok(stdlib_text(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if ids.shape[1] < length:
-            raise ValueError(f"ppl: {name} has only {ids.shape[1]} tokens, fewer than --length {length}")
-        ids = ids[:, :length].to(device)
         t0 = time.perf_counter()
-        nll = window_nll(model, ids, c, last).cpu()
+        nll = window_nll(model, windows[name].to(device), c, last).cpu()
         secs = time.perf_counter() - t0
-        nll_cache[(name, c.label)] = nll
         rows.append(dict(text=name, config=c.label, spec=c.spec or "sdpa", tokens=last,
                          nll=float(nll.mean()), ppl=math.exp(float(nll.mean())), seconds=round(secs, 2),
                          nll_tokens=[round(float(x), 4) for x in nll]))

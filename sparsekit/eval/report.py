@@ -1,61 +1,28 @@
 """Tables (CSV, JSON, markdown) and plots from the stored eval results.
 
 Reads whatever exists under the results folder (``retrieval.jsonl``, ``ppl.json``,
-``fidelity.json``), so a partial run still yields tables.
+``fidelity.json``, ``locality.json``), so a partial run still yields tables; the verdict
+(:mod:`sparsekit.eval.verdict`) opens ``summary.md`` and is written to ``verdict.md``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+import re
 from pathlib import Path
 
+from . import report_extra
+from .common import complete_records, has_results, load_retrieval, pyplot, write_csv
+from .stats import wilson
 from .tasks import recall
 
-__all__ = ["build_report", "retrieval_summary", "paired"]
-
-
-def _load_jsonl(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-
-def _dedupe(records: list) -> list:
-    """First record of each (length, sample, context, config, question): parallel workers may overlap."""
-    seen, out = set(), []
-    for r in records:
-        key = (r["length"], r["sample"], r.get("context", ""), r["config"], r["q"])
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
-
-
-def pyplot():
-    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed (plots are skipped)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+__all__ = ["build_report", "retrieval_summary", "paired", "pyplot"]
 
 
 def _order(labels, preferred) -> list:
     pref = [p for p in preferred if p in labels]
     return pref + sorted(l for l in labels if l not in pref)
-
-
-def _wilson(k: int, n: int, z: float = 1.96):
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (c - h, c + h)
 
 
 def paired(records: list, a: str, b: str, length: int, task: str):
@@ -76,11 +43,8 @@ def retrieval_summary(records: list, configs_order=None) -> list:
     rows = []
     labels = _order({r["config"] for r in records}, configs_order or [])
     for L in sorted({r["length"] for r in records}):
-        recL = [r for r in records if r["length"] == L]
         # keep samples that every config has finished, so the comparison is paired
-        per_cfg = {c: {(r["sample"], r.get("context", "")) for r in recL if r["config"] == c} for c in labels}
-        full = set.intersection(*per_cfg.values()) if per_cfg else set()
-        recL = [r for r in recL if (r["sample"], r.get("context", "")) in full]
+        recL = complete_records([r for r in records if r["length"] == L])
         tasks = _order({r["task"] for r in recL}, ["passkey", "multikey", "multiquery", "multivalue", "vt"])
         for t in tasks + ["all"]:
             for c in labels:
@@ -88,7 +52,7 @@ def retrieval_summary(records: list, configs_order=None) -> list:
                 if not sel:
                     continue
                 k, n = sum(r["correct"] for r in sel), len(sel)
-                lo, hi = _wilson(k, n)
+                lo, hi = wilson(k, n)
                 first = [r for r in sel if r["q"] == 0]  # one per prefill
                 rec = sum(recall(r["task"], r["answers"], r["output"]) for r in sel) / n
                 row = dict(length=L, task=t, config=c, n=n, recall=rec, samples=len({(r["sample"], r.get("context", "")) for r in sel}),
@@ -202,37 +166,36 @@ def _plot_retrieval(rows: list, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_csv(rows: list, path: Path) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def build_report(out: Path) -> Path:
-    """Write ``summary.md`` (+ CSV/JSON tables and PNG plots) from the results under ``out``."""
+    """Write ``summary.md`` and ``verdict.md`` (+ CSV/JSON tables and PNG plots) from the results under ``out``.
+
+    The verdict (:mod:`sparsekit.eval.verdict`) opens ``summary.md`` and is also written on its own.
+    Raises ``FileNotFoundError`` when ``out`` does not exist or holds no results.
+    """
+    from .verdict import write_verdict
+
     out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"results folder {str(out)!r} does not exist")
+    if not has_results(out):
+        raise FileNotFoundError(
+            f"results folder {str(out)!r} holds no eval results (retrieval.jsonl, ppl.json, fidelity.json or "
+            f"locality.json); run e.g. `sparsekit eval retrieval --out {out}` first"
+        )
     parts = ["# sparsekit eval results", ""]
     if (out / "commands.txt").exists():
         parts += ["Commands that produced these files:", "", "```", (out / "commands.txt").read_text().strip(), "```", ""]
-    records = _load_jsonl(out / "retrieval.jsonl")
+    verdict = write_verdict(out).read_text(encoding="utf-8")
+    parts += [re.sub(r"^(#+) ", r"#\1 ", verdict.strip(), flags=re.M), "", "(The verdict is also in `verdict.md`.)", ""]
+    records, meta = load_retrieval(out)
     if records:
-        meta = json.loads((out / "retrieval_meta.json").read_text()) if (out / "retrieval_meta.json").exists() else {}
-        for r in records:  # files written before records named their context: the meta says the layout
-            r.setdefault("context", "" if meta.get("shared", True) else r["task"])
-        records = _dedupe(records)
         order = [c["label"] for c in meta.get("configs", [])] or None
         rows = retrieval_summary(records, order)
-        _write_csv(rows, out / "retrieval_summary.csv")
+        write_csv(rows, out / "retrieval_summary.csv")
         (out / "retrieval_summary.json").write_text(json.dumps(rows, indent=1))
         parts.append(_retrieval_markdown(rows, meta))
         _plot_retrieval(rows, out / "accuracy_vs_length.png")
-    from . import report_extra
-
     parts += report_extra.sections(out)
     path = out / "summary.md"
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path

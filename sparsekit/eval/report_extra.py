@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
-from .report import pyplot
+from .common import pyplot, write_csv
 
 __all__ = ["sections"]
 
@@ -36,10 +35,7 @@ def _ppl_section(out: Path) -> list:
             worse = f"{sum(x > y for x, y in zip(a, b))}/{len(a)}"
         lines.append(f"| {r['text']} | {r['config']} | {r['nll']:.4f} | {r['ppl']:.3f} | {dppl} | {worse} | {r['seconds']:.0f} |")
         flat.append({k: v for k, v in r.items() if k != "nll_tokens"})
-    with open(out / "ppl_summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0]))
-        w.writeheader()
-        w.writerows(flat)
+    write_csv(flat, out / "ppl_summary.csv")
     lines.append("")
     return lines
 
@@ -97,10 +93,7 @@ def _fidelity_section(out: Path) -> list:
             st = res["configs"][l]
             flat.append(dict(layer=layer, config=l, **{k: st[k][i] for k in st if isinstance(st[k], list)}))
     if flat:
-        with open(out / "fidelity_summary.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(flat[0]))
-            w.writeheader()
-            w.writerows(flat)
+        write_csv(flat, out / "fidelity_summary.csv")
         means = []
         for l in labels:
             c = [x for x in res["configs"][l]["cos_mean"]]

@@ -237,6 +237,12 @@ def make_samples(
     samples. Needle depths are uniform in [0.05, 0.95] of the context; the needles of one
     task are ordered. Each sample's context is filler paragraphs from a random starting point
     of the corpus, cut so that context + ``question_budget`` tokens is about ``length``.
+
+    ``tokenizer`` is anything callable as ``tokenizer(text, add_special_tokens=False)`` returning a
+    mapping with ``"input_ids"`` (a list of ids); a Hugging Face tokenizer is one.
+
+    Raises ``ValueError`` for an unknown task or key type, a length below 256, or a length too short
+    to hold the header and the needles of the tasks.
     """
     for t in tasks:
         if t not in TASKS:
@@ -280,6 +286,13 @@ def _fill(sample: Sample, tokenizer, paras, rng: random.Random, budget: int) -> 
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     fixed = ntok(HEADER) + sum(ntok(" " + nd) for nd, _ in sample.needles)
+    if fixed > budget:
+        tasks = ", ".join(dict.fromkeys(q.task for q in sample.questions))
+        raise ValueError(
+            f"make_samples: length {sample.length} is too short for the tasks {tasks}: the header and the needles "
+            f"alone take {fixed} tokens of the {budget} left for the context (the rest is kept for the question); "
+            "use a longer length, fewer tasks, or word keys (key_type='word')"
+        )
     start = rng.randrange(len(paras))
     chosen, total, j = [], fixed, start
     while True:

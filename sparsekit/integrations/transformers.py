@@ -79,12 +79,18 @@ class LayerState:
         ``capture(layer_idx, q, k, v)`` called before attention (probes); tensors as received.
     calls : dict
         Counters ``{"sparse": n, "dense": n}`` of how the layer's calls were routed.
+    pairs : dict
+        Sums over the sparse calls of their plans' exact pair counts per (batch item, query head):
+        ``{"backend": ..., "corrector": ..., "dense": ...}`` (dense = causal attention of the same
+        rows), so ``(backend + corrector) / dense`` is the layer's density even for backends whose
+        pattern depends on the data.
     """
 
     attn: Optional[SparseAttention]
     decode_rows: int = 1
     capture: Optional[Callable] = None
     calls: dict = field(default_factory=lambda: {"sparse": 0, "dense": 0})
+    pairs: dict = field(default_factory=lambda: {"backend": 0.0, "corrector": 0.0, "dense": 0})
 
 
 # module -> LayerState; weak so a deleted model takes its state with it
@@ -148,7 +154,12 @@ def attention_forward(
             "run sequences one at a time or with equal lengths and no attention_mask"
         )
     state.calls["sparse"] += 1
-    out = state.attn(query, key, value, scale=scaling, q_offset=nk - nq)  # [B, Hq, Nq, D]
+    plan = state.attn.plan(query, key, scale=scaling, q_offset=nk - nq, layout="BHND")
+    out = state.attn.run(plan, query, key, value, layout="BHND").out  # [B, Hq, Nq, D]
+    cost = plan.cost()
+    state.pairs["backend"] += float(cost.backend_pairs)
+    state.pairs["corrector"] += float(cost.corrector_pairs)
+    state.pairs["dense"] += cost.dense_pairs
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -4,7 +4,8 @@
 With ``Δ_k = dense[k] - sparse[k * gamma]`` measured at the anchors (a small float32 tensor,
 ``n_blocks`` rows per head, computed before this pass), every output row is written once:
 
-* body row ``i = k * gamma + j`` (``i < n_body``), ``j > 0``:
+* body row ``i = k * gamma + j`` (``i < n_body``), ``j > 0`` (a block whose Δ or Δlse holds a
+  non-finite value uses Δ = 0: its rows keep the sparse values):
   ``out[i] = sparse[i] + Δ̂_i`` and ``lse[i] = sparse_lse[i] + Δ̂lse_i`` where
   ``Δ̂_i = Δ_k`` (``repeat``) or ``(1 - j/γ) Δ_k + (j/γ) Δ_{min(k+1, nb-1)}`` (``linear``);
 * anchor rows (``j = 0``): the exact dense row and lse;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import _triton
+from .triton_band import _triton
 
 __all__ = ["delta_apply"]
 
@@ -118,6 +119,10 @@ def delta_apply(sparse_out, sparse_lse, dense_out, dense_lse, *, gamma: int, n_b
         # Δ at the anchors, float32 [B, H, nb, D] and [B, H, nb]: a 1/gamma-sized pre-pass
         delta = dense_out[:, :, :nb].float() - sparse_out[:, :, 0:n_body:gamma].float()
         dlse = (dense_lse[:, :, :nb] - sparse_lse[:, :, 0:n_body:gamma]).contiguous()
+        # a non-finite Δ must not spread: its block keeps the uncorrected sparse rows
+        bad = ~(torch.isfinite(delta).all(-1) & torch.isfinite(dlse))
+        delta = delta.masked_fill(bad[..., None], 0.0)
+        dlse = dlse.masked_fill(bad, 0.0)
     else:
         delta = torch.zeros(B, H, 1, D, dtype=torch.float32, device=sparse_out.device)
         dlse = torch.zeros(B, H, 1, dtype=torch.float32, device=sparse_out.device)

@@ -1,36 +1,38 @@
-"""A third-party plug-in: a window without sinks, and a toy interpolation. Uses only public API."""
+"""A third-party plug-in: a fixed block pattern and a toy interpolation. Uses only public API.
+
+The backend writes one method, ``pattern``; running it on any device (the CPU reference, the
+Triton pattern kernel, FlashInfer's paged fa3 on Hopper), its keep-mask and its cost come from
+sparsekit.
+"""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from sparsekit import Backend, Interpolation
-from sparsekit.reference import blockwise_attention
+from sparsekit import Backend, Interpolation, Pattern
 
 
 @dataclass
-class LocalOnly(Backend):
-    """Each query sees the last ``window`` keys up to itself, nothing else."""
+class Strided(Backend):
+    """Each query block sees its ``local`` nearest key blocks and every ``stride``-th key block before."""
 
-    name: ClassVar[str] = "local_only"
-    window: int = 16
+    name: ClassVar[str] = "strided"
+    block_q: int = 128
+    block_k: int = 64
+    local: int = 4
+    stride: int = 8
 
-    def pattern(self, q, k, *, scale=None, q_offset=0):
-        pq = q_offset + torch.arange(q.shape[2])[:, None]
-        kj = torch.arange(k.shape[2])[None, :]
-        return (kj <= pq) & (kj > pq - self.window)
-
-    def prefill(self, q, k, v, *, scale, q_offset):
-        def select(i0, i1):
-            kj = torch.arange(max(0, q_offset + i0 - self.window + 1), q_offset + i1)
-            pq = q_offset + torch.arange(i0, i1)
-            return kj, (kj[None, :] <= pq[:, None]) & (kj[None, :] > pq[:, None] - self.window)
-
-        return blockwise_attention(q, k, v, scale=scale, select=select)
-
-    def cost(self, nq, nk, q_offset):
-        return sum(min(self.window, q_offset + i + 1) for i in range(nq))
+    def pattern(self, q, k, *, scale, q_offset):
+        nq, nk, dev = q.shape[2], k.shape[2], q.device
+        rows = torch.arange(0, nq, self.block_q, device=dev)
+        first = (q_offset + rows) // self.block_k  # key block of each query block's first and last row
+        last = (q_offset + torch.clamp(rows + self.block_q, max=nq) - 1) // self.block_k
+        kb = torch.arange(-(-nk // self.block_k), device=dev)
+        keep = (kb <= last[:, None]) & ((kb > first[:, None] - self.local) | (kb % self.stride == 0))
+        blocks = torch.where(keep, kb, -1)[None, None]  # one list for every batch item and head
+        return Pattern.from_blocks(q, k, q_offset=q_offset, block_q=self.block_q, block_k=self.block_k,
+                                   blocks=blocks)
 
 
 @dataclass

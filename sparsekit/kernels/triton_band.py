@@ -1,6 +1,7 @@
-"""Triton forward attention over per-row key intervals, with natural-log lse.
+"""Triton forward attention over per-row key intervals, with natural-log lse (``triton_band``).
 
-One kernel serves three patterns. Query row r sits at absolute position ``pos[r]`` and sees
+The executor's implementation for band patterns (:class:`BandTriton`: dense causal, sink + window,
+over contiguous or gathered rows). One kernel serves three patterns. Query row r sits at absolute position ``pos[r]`` and sees
 key j iff ``j <= pos[r]`` and (``j < sink`` or ``j >= lo[r]``):
 
 * streaming (sink + window): ``pos[r] = q_offset + r``, ``lo[r] = pos[r] - window + 1``;
@@ -20,11 +21,14 @@ dtype, lse (B, Hq, R) float32 natural log (``-inf`` for a row that sees no key).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
-__all__ = ["interval_attention", "supported"]
+from ..contract import AttentionResult
+from ..executor import Implementation
+
+__all__ = ["interval_attention", "supported", "BandTriton", "triton_reason"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = math.log(2.0)
@@ -35,7 +39,7 @@ def _triton():
         import triton  # noqa: F401
         import triton.language as tl  # noqa: F401
     except ImportError as exc:  # pragma: no cover - exercised only without triton
-        raise ImportError("the Triton kernels need triton: pip install sparsekit[triton]") from exc
+        raise ImportError('the Triton kernels need triton: pip install "sparsekit-prefill[triton]"') from exc
     return triton
 
 
@@ -246,3 +250,42 @@ def interval_attention(
         num_warps=warps, num_stages=stages,
     )
     return out, lse
+
+
+# ---------------------------------------------------------------------------- the implementation
+def triton_reason(q, k) -> Optional[str]:
+    """Why the Triton kernels cannot run on these tensors (device, install, dtype, head_dim), or None."""
+    import os
+
+    from ..executor import has_module
+
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors (Triton runs on the CPU only under its interpreter, TRITON_INTERPRET=1)"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"device {q.device.type}"
+    if not has_module("triton"):
+        return 'triton is not installed (pip install "sparsekit-prefill[triton]")'
+    return supported(q, k, k)
+
+
+class BandTriton(Implementation):
+    """Band patterns (dense causal, sink + window), contiguous or gathered rows: one Triton kernel."""
+
+    name: ClassVar[str] = "triton_band"
+    family: ClassVar[str] = "triton"
+    rank: ClassVar[int] = 40
+
+    def refuse(self, pattern, q, k):
+        if not pattern.is_band:
+            return "the pattern has block lists or columns (this kernel runs sink + window only)"
+        return triton_reason(q, k)
+
+    def run(self, pattern, state, q, k, v, *, scale: float, out=None):
+        o, l = out if out is not None else (None, None)
+        if l is not None and l.stride(-1) != 1:
+            o, l = None, None
+        res = interval_attention(
+            q, k, v, scale=scale, q_offset=pattern.q_offset, window=pattern.window, sink=pattern.sink,
+            positions=pattern.positions, out=o, lse=l,
+        )
+        return AttentionResult(*res)

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from sparsekit.correctors.recompute import Recompute
 from sparsekit.rows import RowPlan, default_tail
+from sparsekit.validate import check_int_option
 
 
 @dataclass
@@ -20,12 +21,13 @@ class TailOnly(Recompute):
     The one remaining anchor is row 0, which sees only key 0 and is the same under any
     causal pattern that keeps the diagonal.
 
-    Used by ``sparsekit eval`` (registered there in-process as ``tailonly``), not an
-    entry-point plug-in.
+    The control of ``sparsekit eval`` and ``sparsekit demo``; registered like every first-party
+    corrector (``"streaming(...)+tailonly(gamma=64)"``).
     """
 
     name: ClassVar[str] = "tailonly"
 
-    def plan(self, nq: int) -> RowPlan:
+    def rows(self, nq: int) -> RowPlan:
+        nq = check_int_option(self.name, "nq", nq, 0)
         n_tail = default_tail(nq, self.gamma) if self.tail is None else min(nq, self.tail)
         return RowPlan(nq=nq, gamma=max(nq, 1), n_body=nq - n_tail)
