@@ -41,8 +41,9 @@ class Delta(AnchoredCorrector):
     interpolation : str, dict or Interpolation
         ``"repeat"`` (paper default), ``"linear"``, ``"ema"``, ``"abg"`` or any registered scheme.
 
-    A non-finite Δ (a NaN or inf in the anchor's dense or sparse row) is not spread: its block's
-    other rows keep their uncorrected sparse values, so one bad row stays one bad row.
+    A non-finite Δ (a NaN or inf in the anchor's dense or sparse row) is not spread: it counts as
+    zero (with ``repeat`` the block's other rows keep their uncorrected sparse values), so one bad
+    row stays one bad row.
     """
 
     name: ClassVar[str] = "delta"

@@ -191,7 +191,7 @@ class SparseAttention:
                 "or SparseAttention(backend, corrector=...)"
             )
         elif isinstance(backend, str) and "(" not in backend:
-            self.backend = instantiate(BACKENDS.get(backend), options)
+            self.backend = instantiate(BACKENDS.get(backend), options, kind="backend")
         else:
             if options:
                 raise TypeError(f"options {sorted(options)} given with a backend spec; put them in the spec")

@@ -55,6 +55,11 @@ class Implementation:
     #: the memory order it writes outputs in most cheaply: "BHND", or "BNHD" (FlashInfer's NHD)
     out_layout: ClassVar[str] = "BHND"
 
+    @classmethod
+    def available_reason(cls) -> Optional[str]:
+        """Why this implementation cannot run on this machine at all (a missing package), or None."""
+        return None
+
     def refuse(self, pattern, q, k) -> Optional[str]:
         """Why this implementation cannot run ``pattern`` for q (B, Hq, *, D) and k, or None.
 

@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration, short name (``pip install sparsekit[hf]``).
+"""Hugging Face transformers integration, short name (``pip install "sparsekit-prefill[hf]"``).
 
 ``import sparsekit.hf`` imports transformers; ``import sparsekit`` does not::
 

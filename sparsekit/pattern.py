@@ -126,6 +126,7 @@ class Pattern:
     block_indices: Optional[torch.Tensor] = None
     columns: Optional[torch.Tensor] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    canonical: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -237,7 +238,9 @@ class Pattern:
             ``(indptr (Bp*Hp*n_qblocks + 1,), indices (nnz,))``; key-block ids (``key // block_k``).
         columns : (Bp, Hp, C) int tensor, ``-1`` padding, or None.
         groups : ``(Bp, Hp)``; needed only for CSR blocks without columns (else read from shapes).
-        sorted_unique : the lists already ascend without repeats or ``-1`` gaps (skips a sort).
+        sorted_unique : the lists already ascend, without repeats, and hold no block after the block
+            of their query block's last row (skips a sort and a check; backends that build their lists
+            that way say so).
         """
         shape = cls._shape_of(q, k)
         Bp = Hp = None
@@ -276,6 +279,7 @@ class Pattern:
                   block_indices=indices, columns=columns, **shape)
         if pat.block_indptr is not None and not sorted_unique:
             pat.block_indptr, pat.block_indices = _canonical_csr(pat.block_indptr, pat.block_indices, pat.n_kblocks)
+        pat.canonical = bool(sorted_unique)
         return pat
 
     # ------------------------------------------------------------------ geometry
@@ -423,6 +427,7 @@ class Pattern:
             window=self.window, sink=self.sink, block_q=self.block_q, block_k=self.block_k,
             block_shift=self.block_shift, group_batch=self.group_batch, group_heads=self.group_heads,
             block_indptr=indptr, block_indices=indices, columns=self.columns, device=self.device,
+            canonical=self.canonical,
         )
 
     # ------------------------------------------------------------------ lowering
@@ -604,10 +609,11 @@ def _lower(p: Pattern) -> Lowered:
         cnt = p.block_indptr[1:] - p.block_indptr[:-1]
         seg = torch.repeat_interleave(torch.arange(S, device=dev), cnt, output_size=p.block_indices.numel())
         kb = p.block_indices.to(torch.int64)
-        ok = kb <= last_kb[seg % NQB]
-        if not bool(ok.all()):
-            seg, kb = seg[ok], kb[ok]
-            listed_only = False  # counts changed: rebuild indptr below
+        if not (p.canonical and listed_only):
+            ok = kb <= last_kb[seg % NQB]
+            if not bool(ok.all()):
+                seg, kb = seg[ok], kb[ok]
+                listed_only = False  # counts changed: rebuild indptr below
         parts_seg.append(seg)
         parts_kb.append(kb)
         parts_full.append(torch.full_like(kb, FULL))

@@ -126,8 +126,12 @@ class Registry:
         ok = []
         for name in self.names():
             try:
-                self.get(name)
-            except (PluginLoadError, PluginConflictError) as exc:
+                cls = self.get(name)
+                if self.kind in ("backend", "corrector", "interpolation"):
+                    from .spec import check_kind
+
+                    check_kind(cls, self.kind)
+            except (PluginLoadError, PluginConflictError, TypeError) as exc:
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
                 continue
             ok.append(name)

@@ -177,14 +177,28 @@ def build(kind: str, spec) -> Any:
         if "name" not in spec:
             raise SpecError(f"{kind} dict needs a 'name' key, got {sorted(spec)}")
         cls = registry_for(kind).get(spec.pop("name"))
-        return instantiate(cls, spec)
+        return instantiate(cls, spec, kind=kind)
     raise TypeError(
         f"{kind} must be a name, a spec string, a dict or a {kind} instance, got {type(spec).__name__}"
     )
 
 
-def instantiate(cls, options: dict):
+_BASES = {"backend": "Backend", "corrector": "Corrector", "interpolation": "Interpolation"}
+
+
+def check_kind(cls, kind: str) -> None:
+    """A registered class must subclass the base of its kind (``sparsekit.Backend`` ...)."""
+    if getattr(cls, "kind", None) != kind or not isinstance(cls, type):
+        where = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+        raise TypeError(
+            f"{kind} plug-in {getattr(cls, 'name', '') or where!r} ({where}) must subclass sparsekit.{_BASES[kind]}"
+        )
+
+
+def instantiate(cls, options: dict, kind: str = None):
     """``cls(**options)`` with an error that lists the valid options when one is unknown."""
+    if kind is not None:
+        check_kind(cls, kind)
     valid = option_names(cls)
     unknown = [k for k in options if k not in valid]
     if unknown:

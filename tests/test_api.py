@@ -288,3 +288,74 @@ def test_third_party_plugin_package_installs_and_works_by_name(tmp_path, monkeyp
         if local is not None:
             BACKENDS.register("strided", local)
         sparsekit.registry.refresh()
+
+
+# ----------------------------------------------------------------------------- found by trying it as a user
+def test_layout_bnhd_matches_bhnd_and_a_likely_transposed_call_warns():
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Nq=50, D=16)
+    attn = SparseAttention("streaming", corrector="delta(gamma=16)", window=8, sink=2)
+    ref, ref_lse = attn(q, k, v, return_lse=True)
+    out, lse = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="BNHD", return_lse=True)
+    assert out.shape == (2, 50, 4, 16) and torch.allclose(out.transpose(1, 2), ref) and torch.allclose(lse, ref_lse)
+    # a [B, N, H, D] tensor passed without layout: "heads" longer than "rows" in both q and k -> a warning
+    qt, kt, vt = (torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4, 16))
+    with pytest.warns(UserWarning, match="layout='BNHD'"):
+        SparseAttention("dense")(qt, kt, vt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseAttention("dense")(qt, kt, vt, layout="BHND")  # explicit: no warning
+        SparseAttention("dense")(q[:, :, :2], k, v)  # few rows over a long cache: not a transposed call
+    with pytest.raises(ValueError, match="layout must be 'BHND'"):
+        attn(q, k, v, layout="NHD")
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+def test_any_empty_dimension_is_the_same_clear_error(dim):
+    q, k, v = qkv()
+    shape = list(q.shape)
+    shape[dim] = 0
+    with pytest.raises(ValueError, match=r"q must be non-empty \[B, H, N, D\]"):
+        SparseAttention("dense")(q.new_zeros(shape), k, v)
+    kshape = list(k.shape)
+    kshape[dim] = 0
+    with pytest.raises(ValueError, match=r"k must be non-empty"):
+        SparseAttention("dense")(q, k.new_zeros(kshape), v.new_zeros(kshape))
+
+
+def test_user_mistakes_get_messages():
+    with pytest.raises(SpecError, match=r"use SparseAttention.from_string\('streaming\+delta'\)"):
+        SparseAttention("streaming+delta")
+    a = SparseAttention("streaming", window=8, sink=2)
+    with pytest.raises(TypeError, match="cost: nq must be an int"):
+        a.cost(10.5)
+    huge = SparseAttention("streaming", window=2**70, sink=2**65)  # as good as dense, no overflow
+    assert huge.cost(1000) == SparseAttention("dense").cost(1000)
+    q, k, v = qkv(Nq=40)
+    assert torch.allclose(huge(q, k, v), SparseAttention("dense")(q, k, v))
+    np = pytest.importorskip("numpy")
+    b = SparseAttention("streaming", corrector=Delta(gamma=np.int64(16)), window=np.int32(8), sink=np.int64(2))
+    assert b.corrector.gamma == 16 and type(b.corrector.gamma) is int and str(b) == str(
+        SparseAttention("streaming", corrector=Delta(gamma=16), window=8, sink=2))
+    out = b(q, k, v, q_offset=np.int64(0))
+    assert torch.allclose(out, SparseAttention.from_string(str(b))(q, k, v, q_offset=0))
+    assert b.cost(np.int64(40)) == b.cost(40)
+
+
+@pytest.mark.parametrize("interp", ["repeat", "linear"])
+def test_a_non_finite_anchor_does_not_spread(interp):
+    """NaN in one anchor row: dense gives one NaN row, and so does Δ (its block keeps the sparse rows)."""
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Nq=400, D=16)
+    q[0, 0, 64] = float("nan")  # an anchor of gamma=64
+    dense = SparseAttention("dense")(q, k, v)
+    out = SparseAttention("streaming", corrector=f"delta(gamma=64,interpolation={interp})", window=16, sink=2)(q, k, v)
+    sparse = SparseAttention("streaming", window=16, sink=2)(q, k, v)
+    bad_dense = torch.isnan(dense).any(-1)
+    bad = torch.isnan(out).any(-1)
+    assert int(bad_dense.sum()) == 1 and torch.equal(bad, bad_dense)
+    if interp == "repeat":  # the bad anchor's block keeps its uncorrected rows
+        assert torch.allclose(out[0, 0, 65:128], sparse[0, 0, 65:128])
+    else:  # its Δ counts as zero; the next anchor's Δ still reaches the block's later rows
+        d_next = out[0, 0, 128] - sparse[0, 0, 128]
+        w = (torch.arange(65, 128) - 64).float()[:, None] / 64
+        assert torch.allclose(out[0, 0, 65:128], sparse[0, 0, 65:128] + w * d_next, atol=1e-5)
+    assert not torch.allclose(out[0, 1, 65:128], sparse[0, 1, 65:128])  # the other head is corrected as usual

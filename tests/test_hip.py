@@ -273,7 +273,7 @@ def test_gpu_selection_matches_reference(shape, share):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["fa3_paged", "triton_blocks"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_attention_matches_reference(shape, share, dtype, impl):
@@ -286,6 +286,8 @@ def test_gpu_attention_matches_reference(shape, share, dtype, impl):
     off = shape[4]
     hip = _small_hip(share)
     scale = shape[5] ** -0.5
+    if impl == "fa3_paged":  # fa3_paged refuses 64-row query blocks (Triton is faster there): use 128
+        hip = HiP(**{**hip.options(), "block_q": 128})
     pat = hip.pattern(q, k, scale=scale, q_offset=off)
     try:
         got = execute(pat, q, k, v, scale=scale, impl=impl)

@@ -251,7 +251,7 @@ class _TorchScorer:
 
 
 class _TritonScorer:
-    """Scoring with the Triton kernels of :mod:`sparsekit.kernels.hip_triton` (CUDA, or the interpreter)."""
+    """Scoring with the Triton kernels of :mod:`.triton_scoring` (CUDA, or the interpreter)."""
 
     def __init__(self, hip):
         self.hip = hip

@@ -1,6 +1,6 @@
 """sparsekit as an attention implementation of Hugging Face transformers 5.x.
 
-Needs the ``hf`` extra (``pip install sparsekit[hf]``). Nothing is registered or patched
+Needs the ``hf`` extra (``pip install "sparsekit-prefill[hf]"``). Nothing is registered or patched
 when this module is imported: :func:`register` adds the name ``"sparsekit"`` to
 transformers' ``AttentionInterface`` (the attention function) and
 ``AttentionMaskInterface`` (transformers' SDPA mask builder, without which the function
@@ -55,13 +55,13 @@ def _transformers():
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError as e:
         raise ImportError(
-            f"sparsekit's transformers integration needs the hf extra: `pip install sparsekit[hf]` ({e})"
+            f"sparsekit's transformers integration needs the hf extra: `pip install \"sparsekit-prefill[hf]\"` ({e})"
         ) from e
     major = int(transformers.__version__.split(".")[0])
     if major < 5:
         raise ImportError(
             f"sparsekit's transformers integration needs transformers >= 5 (found {transformers.__version__}): "
-            "`pip install sparsekit[hf]`"
+            "`pip install \"sparsekit-prefill[hf]\"`"
         )
     return AttentionInterface, AttentionMaskInterface, sdpa_mask, sdpa_attention_forward
 

@@ -76,6 +76,13 @@ class Flex(Implementation):
     """Any pattern through compiled FlexAttention with an exact ``mask_mod`` (CUDA)."""
 
     name: ClassVar[str] = "flex"
+
+    @staticmethod
+    def available_reason():
+        if not _has_flex():
+            return "this torch has no FlexAttention"
+        return None if torch.cuda.is_available() else "no CUDA device"
+
     family: ClassVar[str] = "flex"
     rank: ClassVar[int] = 60
 

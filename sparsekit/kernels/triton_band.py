@@ -28,7 +28,7 @@ import torch
 from ..contract import AttentionResult
 from ..executor import Implementation
 
-__all__ = ["interval_attention", "supported", "BandTriton", "triton_reason"]
+__all__ = ["interval_attention", "supported", "BandTriton", "triton_reason", "triton_available"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = math.log(2.0)
@@ -253,6 +253,19 @@ def interval_attention(
 
 
 # ---------------------------------------------------------------------------- the implementation
+def triton_available() -> Optional[str]:
+    """Why the Triton kernels cannot run on this machine (no triton; no CUDA outside the interpreter), or None."""
+    import os
+
+    from ..executor import has_module
+
+    if not has_module("triton"):
+        return 'triton is not installed (pip install "sparsekit-prefill[triton]")'
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device"
+    return None
+
+
 def triton_reason(q, k) -> Optional[str]:
     """Why the Triton kernels cannot run on these tensors (device, install, dtype, head_dim), or None."""
     import os
@@ -272,6 +285,7 @@ class BandTriton(Implementation):
     """Band patterns (dense causal, sink + window), contiguous or gathered rows: one Triton kernel."""
 
     name: ClassVar[str] = "triton_band"
+    available_reason = staticmethod(triton_available)
     family: ClassVar[str] = "triton"
     rank: ClassVar[int] = 40
 

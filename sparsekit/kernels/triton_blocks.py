@@ -24,7 +24,7 @@ import torch
 
 from ..contract import AttentionResult
 from ..executor import Implementation
-from .triton_band import _triton, triton_reason
+from .triton_band import _triton, triton_available, triton_reason
 
 __all__ = ["BlocksTriton", "pattern_attention"]
 
@@ -154,6 +154,23 @@ def _build():
     return _KERNEL
 
 
+_TUNED = None
+# work (rows x keys) from which the first call of a tile shape picks its warps / stages by timing
+TUNE_FROM = 1 << 28
+
+
+def _build_tuned():
+    """The same kernel behind Triton's autotuner (warps x stages), keyed on the tile shape: used for
+    large calls on a GPU, where the one-time tuning is small next to the work."""
+    global _TUNED
+    if _TUNED is not None:
+        return _TUNED
+    triton = _triton()
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    _TUNED = triton.autotune(configs=configs, key=["HPT", "ROWS", "BLOCK_N", "HEAD_DIM", "IEEE"])(_build())
+    return _TUNED
+
+
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -203,6 +220,9 @@ def pattern_attention(pattern, q, k, v, *, scale: float, lowered=None, target_ro
     kblk = L.kblock if L.kblock.numel() else torch.zeros(1, dtype=torch.int32, device=dev)
     cidx = L.col_index if L.col_index.numel() else torch.zeros(1, dtype=torch.int64, device=dev)
     grid = (pattern.n_qblocks * t["SUB"], B * Hq // t["HPT"])
+    launch = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    if q.device.type == "cuda" and pattern.nq * pattern.nk >= TUNE_FROM:
+        kernel, launch = _build_tuned(), {}
     kernel[grid](
         q, k, v, out, lse, pos, rb, L.indptr, kblk, full, L.col_indptr, cidx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -211,7 +231,7 @@ def pattern_attention(pattern, q, k, v, *, scale: float, lowered=None, target_ro
         Hq, Hq // k.shape[1], k.shape[2], pattern.n_qblocks, pattern.group_batch, pattern.group_heads,
         pattern.block_k, pattern.window, pattern.sink, float(scale) * 1.4426950408889634,
         HPT=t["HPT"], ROWS=t["ROWS"], BLOCK_M=t["HPT"] * t["ROWS"], SUB=t["SUB"], BLOCK_N=t["BLOCK_N"], HEAD_DIM=D,
-        IEEE=q.dtype == torch.float32, num_warps=t["num_warps"], num_stages=t["num_stages"],
+        IEEE=q.dtype == torch.float32, **launch,
     )
     return out, lse
 
@@ -220,6 +240,7 @@ class BlocksTriton(Implementation):
     """Any pattern (block lists, band edges, columns; contiguous or gathered rows) in one Triton kernel."""
 
     name: ClassVar[str] = "triton_blocks"
+    available_reason = staticmethod(triton_available)
     family: ClassVar[str] = "triton"
     rank: ClassVar[int] = 50
 
