@@ -102,7 +102,7 @@ def check_qk(q, k, *, q_offset=None, scale=None, layout=None, v=None):
     if not (q.device == k.device and (v is None or v.device == q.device)):
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}" +
                          (f", v {v.device}" if v is not None else ""))
-    if not explicit and q.shape[1] > q.shape[2] and k.shape[1] > k.shape[2]:
+    if not explicit and 1 < q.shape[2] < q.shape[1] and k.shape[1] > k.shape[2]:
         warnings.warn(
             f"q {_shape(q)} and k {_shape(k)} have more heads than rows in the default [B, H, N, D] "
             "layout; if it is [B, N, H, D], pass layout='BNHD' (pass layout='BHND' to silence this warning)",
