@@ -26,6 +26,7 @@ class TailOnly(Recompute):
     """
 
     name: ClassVar[str] = "tailonly"
+    control: ClassVar[bool] = True
 
     def rows(self, nq: int) -> RowPlan:
         nq = check_int_option(self.name, "nq", nq, 0)

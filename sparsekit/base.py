@@ -126,6 +126,9 @@ class Corrector(Plugin):
 
     kind: ClassVar[str] = "corrector"
     row_linear: ClassVar[bool] = False
+    #: a control of ablations rather than a correction (it only recomputes rows; e.g. ``tailonly``):
+    #: ``sparsekit eval`` compares the other correctors of a backend against it
+    control: ClassVar[bool] = False
 
     def rows(self, nq: int):
         """Which of ``nq`` query rows are computed key-dense (see the class docstring)."""

@@ -118,6 +118,10 @@ class Row:
     def corrector(self) -> Optional[str]:
         return _corrector_name(split_spec(self.spec)[1])
 
+    @property
+    def control(self) -> bool:
+        return is_control(split_spec(self.spec)[1])
+
 
 @dataclass
 class Measurement:
@@ -159,6 +163,19 @@ def _corrector_name(corrector: Optional[str]) -> Optional[str]:
     return None if corrector is None else corrector.split("(")[0].lower()
 
 
+def is_control(corrector: Optional[str]) -> bool:
+    """Whether a corrector spec names an ablation control (its class sets ``control = True``, as
+    ``tailonly`` does); False for no corrector or one that does not build."""
+    if corrector is None:
+        return False
+    from sparsekit.spec import build
+
+    try:
+        return bool(getattr(build("corrector", corrector), "control", False))
+    except Exception:
+        return False
+
+
 def _gamma(corrector: Optional[str]) -> Optional[str]:
     m = re.search(r"gamma=(\d+)", corrector or "")
     return m.group(1) if m else None
@@ -166,7 +183,8 @@ def _gamma(corrector: Optional[str]) -> Optional[str]:
 
 def references(configs: list) -> dict:
     """For ``configs`` ``[(label, spec)]``: ``{label: {role: reference label}}`` with roles ``dense``,
-    ``tail`` (same backend + ``tailonly``, same γ preferred) and ``plain`` (same backend, no corrector).
+    ``tail`` (same backend + a control corrector such as ``tailonly``, same γ preferred) and ``plain``
+    (same backend, no corrector).
 
     The dense reference is the config with spec None/``"sdpa"`` (labelled ``dense`` if several).
     """
@@ -185,8 +203,8 @@ def references(configs: list) -> dict:
             plain = [lab for lab, (b, c) in parsed.items() if b == backend and c is None]
             if plain:
                 refs["plain"] = plain[0]
-            if _corrector_name(corr) != "tailonly":
-                tails = [lab for lab, (b, c) in parsed.items() if b == backend and _corrector_name(c) == "tailonly"]
+            if not is_control(corr):
+                tails = [lab for lab, (b, c) in parsed.items() if b == backend and is_control(c)]
                 same_gamma = [lab for lab in tails if _gamma(parsed[lab][1]) == _gamma(corr)]
                 if same_gamma or tails:
                     refs["tail"] = (same_gamma or tails)[0]
@@ -385,11 +403,11 @@ def _clauses(entries: list, roles: tuple) -> tuple:
     return clauses, found
 
 
-def _bottom_line(label: str, corrector: Optional[str], found: dict, cost_of: dict) -> str:
+def _bottom_line(label: str, corrector: Optional[str], found: dict, cost_of: dict, control: bool = False) -> str:
     """The closing sentence of a config's bullet; ``found[role]`` lists the outcomes over measurements."""
     if corrector is None:
         return ""
-    if corrector == "tailonly":
+    if control:
         if "better" in found.get("plain", []) and "worse" not in found.get("plain", []):
             return "The dense tail alone improves on no correction."
         return ""
@@ -448,6 +466,7 @@ def verdict_markdown(measurements: list, meta: Optional[dict] = None) -> str:
         entries = [(m, r) for m in measurements for r in m.rows if r.label == label]
         specs = list(dict.fromkeys(r.spec for _, r in entries))
         corrector = entries[0][1].corrector
+        control = entries[0][1].control
         if split_spec(specs[0])[0] is None:
             continue  # the dense reference
         if len(specs) == 1:
@@ -455,7 +474,7 @@ def verdict_markdown(measurements: list, meta: Optional[dict] = None) -> str:
         else:
             head = f"**{label}** (" + "; ".join(
                 f"`{s}` {', '.join(m.where for m, r in entries if r.spec == s)}" for s in specs) + ")"
-        roles = ("tail", "plain", "dense") if corrector and corrector != "tailonly" else (
+        roles = ("tail", "plain", "dense") if corrector and not control else (
             ("plain", "dense") if corrector else ("dense",))
         clauses, found = _clauses(entries, roles)
         # cost at the longest measurement with a known cost
@@ -479,7 +498,7 @@ def verdict_markdown(measurements: list, meta: Optional[dict] = None) -> str:
             cost = "Density unknown (the backend's pattern depends on the data)."
         text = "; ".join(clauses)
         text = (text[0].upper() + text[1:] + ". ") if text else ""
-        bottom = _bottom_line(label, corrector, found, cost_of)
+        bottom = _bottom_line(label, corrector, found, cost_of, control)
         lines.append(f"* {head}: " + (f"{bottom} " if bottom else "") + f"{text}{cost}")
     lines.append("")
     return "\n".join(lines)
