@@ -98,16 +98,9 @@ class Backend(Plugin):
 
         Only for patterns that do not depend on the data; otherwise use ``plan(q, k).cost()``.
         """
-        from .validate import check_lengths
+        from .attention import SparseAttention
 
-        nq, nk, q_offset = check_lengths(nq, nk, q_offset)
-        if self.data_dependent:
-            raise ValueError(
-                f"backend {self.name!r} selects keys from the values of q and k, so its cost depends on the "
-                "data: use SparseAttention(...).plan(q, k).cost()"
-            )
-        q, k = _shape_only(nq, nk)
-        return self.pattern(q, k, scale=1.0, q_offset=q_offset).mean_pairs()
+        return SparseAttention(self).cost(nq, nk, q_offset).backend_pairs
 
 
 class Corrector(Plugin):

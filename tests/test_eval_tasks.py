@@ -7,18 +7,9 @@ import torch
 
 from sparsekit.eval.tasks import HEADER, Question, make_samples, recall, score
 
+from char_tokenizer import CharTokenizer
 
-class CharTokenizer:
-    """One token per byte: enough of a tokenizer for sample generation (``tok(text)["input_ids"]``)."""
 
-    eos_token_id = 0
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        ids = [1 + (b % 127) for b in text.encode()]
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i)
 
 
 TOK = CharTokenizer()

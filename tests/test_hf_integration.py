@@ -185,17 +185,7 @@ def test_padded_batch_is_refused(model, ids):
 
 # ------------------------------------------------------------------------------ eval harness (tiny, no download)
 # (the pieces that need no model are tested without transformers in tests/test_eval_*.py)
-class _CharTokenizer:
-    """Byte-level stand-in for a real tokenizer: enough for the harness's plumbing."""
-
-    eos_token_id = 0
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        ids = [1 + (b % 127) for b in text.encode()]
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i)
+from char_tokenizer import CharTokenizer as _CharTokenizer  # noqa: E402
 
 
 def test_retrieval_runner_pairs_and_resumes(model, tmp_path):

@@ -29,7 +29,7 @@ def test_check_backend_passes_correct_backends(backend):
 
 @dataclass
 class _Peeking(Backend):
-    """Broken on purpose: row i also sees key i + 1."""
+    """Lists every key block, the future ones included: the pattern type keeps it causal anyway."""
 
     name: ClassVar[str] = "peeking"
 

@@ -42,22 +42,12 @@ class Selection:
 
 def triton_scoring_ok(q, block_q: int, block_k: int) -> Optional[str]:
     """Why the Triton scorer cannot run here, or None."""
-    import os
+    from sparsekit.kernels.triton_band import triton_reason
 
-    from sparsekit.executor import has_module
-
-    pow2 = lambda x: x >= 16 and (x & (x - 1)) == 0
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors"
-    if not has_module("triton"):
-        return "triton is not installed"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype}"
+    pow2 = lambda x: x >= 16 and (x & (x - 1)) == 0  # noqa: E731
     if not (pow2(block_q) and pow2(block_k)):
         return "block sizes are not powers of two >= 16"
-    if q.shape[-1] not in (16, 32, 64, 128, 256):
-        return f"head_dim {q.shape[-1]}"
-    return None
+    return triton_reason(q, q)
 
 
 def select(hip, q, k, q_offset: int, *, scorer: str = "auto", trace: Optional[dict] = None) -> Selection:

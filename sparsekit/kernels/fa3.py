@@ -36,6 +36,7 @@ from typing import ClassVar
 
 from ..contract import AttentionResult, merge
 from ..executor import Implementation, Refused, has_module
+from ..pattern import _ranges
 
 __all__ = ["available", "ready", "dense", "streaming", "rows", "ROWS_PER_REQUEST", "BandFA3", "RowsFA3", "PagedFA3",
            "paged_requests"]
@@ -285,13 +286,6 @@ def _paged_wrapper(fi, device, n_requests: int):
     int_bytes = max(16 << 20, n_requests * 256 + (8 << 20))
     w.reset_workspace_buffer(ws, torch.empty(int_bytes, dtype=torch.uint8, device=device))
     return w
-
-
-def _ranges(starts: torch.Tensor, lengths: torch.Tensor):
-    total = int(lengths.sum())
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
-    first = torch.cumsum(lengths, 0) - lengths
-    return starts[owner] + torch.arange(total, device=lengths.device) - first[owner], owner
 
 
 def paged_requests(pattern) -> dict:

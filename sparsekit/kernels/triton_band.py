@@ -53,6 +53,9 @@ def _build():
     triton = _triton()
     import triton.language as tl
 
+    global scores, update, finish  # the kernel's globals, where Triton (compiler and interpreter) looks
+    from ._triton_softmax import finish, scores, update
+
     @triton.jit
     def _interval_attn_fwd(
         Q, K, V, O, LSE, POS, LO,
@@ -111,11 +114,7 @@ def _build():
             cmask = cols < NK
             k = tl.load(k_base + cols.to(tl.int64)[:, None] * s_kn + dcols[None, :], mask=cmask[:, None], other=0.0)
             v = tl.load(v_base + cols.to(tl.int64)[:, None] * s_vn + dcols[None, :], mask=cmask[:, None], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale
+            qk = scores(q, k, IEEE) * qk_scale
             need_mask = partial_tile | (start_n + BLOCK_N - 1 > pos_min) | (
                 (start_n < lo_max) & (start_n + BLOCK_N > sink)
             )
@@ -125,22 +124,9 @@ def _build():
                     (c64[None, :] < sink) | (c64[None, :] >= lo[:, None])
                 )
                 qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc, m_i, l_i = update(acc, m_i, l_i, qk, v, IEEE)
 
-        nonempty = l_i > 0.0
-        l_safe = tl.where(nonempty, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        out, lse = finish(acc, m_i, l_i)
         o_ptrs = O + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_om + dcols[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None])
         tl.store(LSE + b * s_lb + h * s_lh + rows, lse, mask=rmask)

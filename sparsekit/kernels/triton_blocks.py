@@ -11,7 +11,8 @@ one K/V tile load serves all of them: GQA packing), and
 2. walks the columns of its (group, query block), ``BLOCK_N`` gathered keys at a time, keeping
    ``j <= pos`` and ``j`` outside the band (the band part was counted by the block list).
 
-Softmax runs online in base 2 with float32 accumulation; lse is written in natural log.
+Softmax runs online in base 2 with float32 accumulation (the steps shared with the band kernel,
+:mod:`._triton_softmax`); lse is written in natural log.
 Shapes: q (B, Hq, R, D) (R = the pattern's rows), k/v (B, Hkv, Nk, D), unit stride on D;
 out (B, Hq, R, D) in q's dtype, lse (B, Hq, R) float32 (``-inf`` for a row that sees no key).
 """
@@ -37,6 +38,9 @@ def _build():
         return _KERNEL
     triton = _triton()
     import triton.language as tl
+
+    global scores, update, finish  # the kernel's globals, where Triton (compiler and interpreter) looks
+    from ._triton_softmax import finish, scores, update
 
     @triton.jit
     def _pattern_attn_fwd(
@@ -92,27 +96,13 @@ def _build():
             cmask = cols < k_end
             kt = tl.load(k_base + cols[:, None] * s_kn + d[None, :], mask=cmask[:, None], other=0.0)
             vt = tl.load(v_base + cols[:, None] * s_vn + d[None, :], mask=cmask[:, None], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(kt))
-            qk = qk * qk_scale
+            qk = scores(q, kt, IEEE) * qk_scale
             need = (full == 0) | (start_n + BLOCK_N - 1 > pos_min) | (start_n + BLOCK_N > k_end)
             if need:
                 band = (cols[None, :] < sink) | (cols[None, :] > pos[:, None] - window)
                 keep = cmask[None, :] & (cols[None, :] <= pos[:, None]) & ((full != 0) | band)
                 qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE:
-                acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(vt.dtype), vt, acc)
-            m_i = m_new
+            acc, m_i, l_i = update(acc, m_i, l_i, qk, vt, IEEE)
 
         c0 = tl.load(CPTR + seg)
         c1 = tl.where(r_lo >= r_hi, c0, tl.load(CPTR + seg + 1))
@@ -122,30 +112,13 @@ def _build():
             j = tl.load(CIDX + idx, mask=cm, other=0).to(tl.int64)
             kt = tl.load(k_base + j[:, None] * s_kn + d[None, :], mask=cm[:, None], other=0.0)
             vt = tl.load(v_base + j[:, None] * s_vn + d[None, :], mask=cm[:, None], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(kt))
-            qk = qk * qk_scale
+            qk = scores(q, kt, IEEE) * qk_scale
             band = (j[None, :] < sink) | (j[None, :] > pos[:, None] - window)
             keep = cm[None, :] & (j[None, :] <= pos[:, None]) & (band == 0)
             qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE:
-                acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(vt.dtype), vt, acc)
-            m_i = m_new
+            acc, m_i, l_i = update(acc, m_i, l_i, qk, vt, IEEE)
 
-        nonempty = l_i > 0.0
-        l_safe = tl.where(nonempty, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        out, lse = finish(acc, m_i, l_i)
         tl.store(O + b * s_ob + head[:, None] * s_oh + r64[:, None] * s_om + d[None, :],
                  out.to(O.dtype.element_ty), mask=rmask[:, None])
         tl.store(LSE + b * s_lb + head * s_lh + r64, lse, mask=rmask)

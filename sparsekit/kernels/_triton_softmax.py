@@ -1,0 +1,51 @@
+"""The online-softmax steps every Triton attention kernel here shares.
+
+Imported only from the kernels' lazy builders (triton is an optional dependency), which bind these
+names as globals of their own module so that both Triton's compiler and its interpreter find them:
+
+* ``scores(q, kt, IEEE)``: ``q @ kt.T`` (exact fp32 products for fp32 inputs, tensor cores otherwise);
+* ``update(acc, m_i, l_i, qk, vt, IEEE)``: one key tile of base-2 online softmax (rows whose scores are
+  all ``-inf`` so far keep ``m_i = -inf`` and weigh nothing);
+* ``finish(acc, m_i, l_i)``: ``(out, lse)`` with lse in natural log, ``-inf`` and out 0 for a row that saw
+  no key.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["scores", "update", "finish"]
+
+
+@triton.jit
+def scores(q, kt, IEEE: tl.constexpr):
+    if IEEE:
+        qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(kt))
+    return qk
+
+
+@triton.jit
+def update(acc, m_i, l_i, qk, vt, IEEE: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(vt.dtype), vt, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finish(acc, m_i, l_i):
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return out, lse
