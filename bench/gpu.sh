@@ -38,7 +38,7 @@ for stage in "$@"; do
       tail -3 "$OUT/bench1m_log.txt" ;;
     quick)
       $SK bench --n 128K --backends streaming,hip,vertical_slash,strided --inputs structured $COMMON "${OPTS[@]}" \
-        --correctors "none,delta(gamma=64)" --impls auto --pieces --baselines fa3 --reps 5 \
+        --correctors "none,delta(gamma=64)" --impls auto,triton --pieces --baselines fa3 --reps 5 \
         --out "$OUT/quick" > "$OUT/quick_stdout.md" 2> "$OUT/quick_log.txt"
       tail -3 "$OUT/quick_log.txt"; grep -E "^\| (FlashInfer|streaming|hip|vertical|strided)" "$OUT/quick/bench.md" | cut -c1-260 ;;
     *) echo "unknown stage $stage" ;;
