@@ -97,11 +97,14 @@ class Plan:
     dense: Optional[Pattern] = None
     dense_choice: Optional[Choice] = None
     timings: dict = field(default_factory=dict)
+    corrector: object = None
 
     def cost(self) -> Cost:
         """Exact pairs of this plan per batch item and query head."""
         backend = self.pattern.mean_pairs() if self.pattern is not None else 0
         extra = self.dense.mean_pairs() if self.dense is not None else 0
+        if self.corrector is not None and self.pattern is not None:
+            extra = extra + self.corrector.complement_pairs(self.pattern)
         return Cost(backend, extra, causal_pairs(self.nq, self.q_offset))
 
     def implementations(self) -> dict:
@@ -221,7 +224,8 @@ class SparseAttention:
         if reason:
             raise ValueError(f"backend {self.backend.name!r} cannot run these inputs: {reason}")
         B, Hq, nq, D = q.shape
-        plan = Plan(str(self), B, Hq, k.shape[1], nq, k.shape[2], D, q_offset, scale, q.dtype, q.device)
+        plan = Plan(str(self), B, Hq, k.shape[1], nq, k.shape[2], D, q_offset, scale, q.dtype, q.device,
+                    corrector=self.corrector)
         clock = _Clock(timings, q.device)
         rows = self.corrector.rows(nq) if self.corrector is not None else None
         plan.rows = rows
@@ -282,6 +286,10 @@ class SparseAttention:
             else:
                 sparse = impl.run(plan.pattern, state, q, k, v, scale=plan.scale)
             clock(timings, "sparse")
+            if self.corrector is not None:
+                nb = plan.pattern.nq
+                self.corrector.complement(plan.pattern, sparse, q[:, :, :nb], k, v, scale=plan.scale)
+                clock(timings, "complement")
         if self.corrector is None:
             res = sparse
         else:

@@ -127,6 +127,28 @@ class Corrector(Plugin):
         """Which of ``nq`` query rows are computed key-dense (see the class docstring)."""
         raise NotImplementedError(f"corrector {self.name!r} must implement rows(nq)")
 
+    def complement(self, pattern, sparse: AttentionResult, q, k, v, *, scale: float) -> None:
+        """Fold an estimate of the keys the backend skipped into its rows, in place (optional).
+
+        Called once per call, after the backend ran and before :meth:`combine`, when the corrector
+        reads backend rows. The default does nothing. A corrector that estimates the skipped part
+        of each row's softmax (e.g. ``meancorr``) merges it into ``sparse`` through lse here and
+        counts its work in :meth:`complement_pairs`.
+
+        Parameters
+        ----------
+        pattern : the backend's :class:`~sparsekit.pattern.Pattern` over rows ``0..pattern.nq-1``
+        sparse : (batch, q_heads, >= pattern.nq, ·) buffers; rows ``0..pattern.nq-1`` hold the
+            backend's values and are updated in place (``out`` and ``lse``)
+        q : (batch, q_heads, pattern.nq, head_dim), the rows of ``pattern``
+        k, v : (batch, kv_heads, kv_len, head_dim)
+        """
+        return None
+
+    def complement_pairs(self, pattern) -> float:
+        """(row, key-or-summary) pairs :meth:`complement` evaluates per batch item and query head."""
+        return 0
+
     def combine(self, rows, sparse: Optional[AttentionResult], dense: AttentionResult) -> AttentionResult:
         """The corrected result.
 

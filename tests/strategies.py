@@ -83,3 +83,46 @@ def _strided_options(draw):
 
 
 BACKEND_OPTIONS["strided"] = _strided_options()
+
+
+@st.composite
+def _block_threshold_options(draw):
+    """Small block grids, every scorer and keep rule, a short window, sometimes a budget or a dense
+    fallback length, so patterns are sparse and every code path is drawn at N <= 600."""
+    bq = draw(st.sampled_from([8, 16, 32]))
+    bk = draw(st.sampled_from([8, 16, 32]))
+    stride = draw(st.sampled_from([s for s in (1, 2, 4, 8) if bq % s == 0 and bk % s == 0]))
+    scorer = draw(st.sampled_from(["pooled", "vslash", f"antidiagonal(stride={stride})"]))
+    rule = draw(st.sampled_from(["relative(alpha=0.3)", "relative(alpha=0.9)", "relative(alpha=1.0)",
+                                 "mass(tau=0.5)", "mass(tau=0.9)", "topk(k=2)"]))
+    return {
+        "scorer": scorer,
+        "rule": rule,
+        "block_q": bq,
+        "block_k": bk,
+        "sink": draw(st.integers(0, 40)),
+        "window": draw(st.integers(1, 120)),
+        "budget": draw(st.one_of(st.none(), st.integers(0, 64))),
+        "min_len": draw(st.sampled_from([0, 0, 0, 200])),
+        "dense_last": draw(st.integers(0, 2)),
+        "share_kv": draw(st.booleans()),
+    }
+
+
+@st.composite
+def _oracle_options(draw):
+    bk = draw(st.sampled_from([8, 16, 32]))
+    by_k = draw(st.booleans())
+    return {
+        "k": bk * draw(st.integers(1, 5)) if by_k else None,
+        "density": None if by_k else draw(st.sampled_from([0.05, 0.2, 0.5, 1.0])),
+        "block_q": draw(st.sampled_from([8, 16, 32])),
+        "block_k": bk,
+        "share_kv": draw(st.booleans()),
+    }
+
+
+BACKEND_OPTIONS["block_threshold"] = _block_threshold_options()
+BACKEND_OPTIONS["oracle"] = _oracle_options()
+PER_HEAD_OPTIONS["block_threshold"] = {"share_kv": False}
+PER_HEAD_OPTIONS["oracle"] = {"share_kv": False}

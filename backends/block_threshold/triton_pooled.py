@@ -1,0 +1,92 @@
+"""Triton kernel of the ``pooled`` scorer: per (batch, group, query block) the softmax of pooled
+block scores over the visible key blocks of each head of the group, averaged over those heads.
+
+Imported lazily (``pip install "sparsekit-prefill[triton]"``); it computes exactly what
+``Pooled.scores``'s torch path computes (float32, IEEE products), without materialising per-head
+logits: two passes over the key blocks (online max / sum, then the shares).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # pragma: no cover - exercised only without triton
+    raise ImportError('the block_threshold Triton scorer needs triton: pip install "sparsekit-prefill[triton]"') from e
+
+__all__ = ["pooled_shares"]
+
+
+@triton.jit
+def _pooled_shares(
+    QB, KB, P, LAST,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_pb, s_pg, s_pr,
+    qb0, G, HKV, NKB, BK, scale,
+    HPG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    kvh = ((g * HKV) // G).to(tl.int64)
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < HPG
+    heads = (g * HPG + hh).to(tl.int64)
+    d = tl.arange(0, D)
+    qrow = (qb0 + r).to(tl.int64)
+    q = tl.load(QB + b * s_qb + heads[:, None] * s_qh + qrow * s_qn + d[None, :], mask=hmask[:, None], other=0.0)
+    last = tl.load(LAST + qrow)
+    n_vis = tl.minimum(last // BK + 1, NKB)
+    kbase = KB + b * s_kb + kvh * s_kh
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    for j0 in range(0, n_vis, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jm = j < n_vis
+        kk = tl.load(kbase + j.to(tl.int64)[:, None] * s_kn + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
+        s = tl.where(jm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    pbase = P + b * s_pb + g.to(tl.int64) * s_pg + r.to(tl.int64) * s_pr
+    for j0 in range(0, n_vis, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jm = j < n_vis
+        kk = tl.load(kbase + j.to(tl.int64)[:, None] * s_kn + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
+        p = tl.exp(s - m_i[:, None]) / l_i[:, None]
+        p = tl.where(hmask[:, None] & jm[None, :], p, 0.0)
+        tl.store(pbase + j, tl.sum(p, axis=0) / HPG, mask=jm)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(1, x) - 1).bit_length())
+
+
+def pooled_shares(qbar, kbar, last_pos, qb0: int, qb1: int, groups: int, block_k: int, scale: float) -> torch.Tensor:
+    """qbar (B, Hq, nqb, D) float32, kbar (B, Hkv, nkb, D) float32, last_pos (nqb,) int64 ->
+    float32 (B, G, qb1 - qb0, nkb): shares of query blocks ``qb0..qb1-1`` (0 on invisible blocks)."""
+    B, Hq, nqb, D = qbar.shape
+    Hkv, nkb = kbar.shape[1], kbar.shape[2]
+    R = qb1 - qb0
+    out = torch.zeros(B, groups, R, nkb, dtype=torch.float32, device=qbar.device)
+    if R == 0:
+        return out
+    Dp = _pow2(D)
+    if Dp != D:  # zero-pad the head dim (exact: zeros add nothing to the products)
+        qbar = torch.nn.functional.pad(qbar, (0, Dp - D))
+        kbar = torch.nn.functional.pad(kbar, (0, Dp - D))
+    qbar, kbar = qbar.contiguous(), kbar.contiguous()
+    hpg = Hq // groups
+    grid = (R, B * groups)
+    _pooled_shares[grid](
+        qbar, kbar, out, last_pos.contiguous(),
+        qbar.stride(0), qbar.stride(1), qbar.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        qb0, groups, Hkv, nkb, block_k, float(scale),
+        HPG=hpg, BLOCK_H=_pow2(hpg), BLOCK_N=64, D=Dp,
+    )
+    return out
