@@ -11,10 +11,11 @@ Exact rule:
   ``[j*block_k, (j+1)*block_k)``; mass ``M[b, j] = sum over the block's rows r and the group's heads h
   of sum_{key in j, key <= pos(r)} softmax_h(r)[key]`` (softmax over the row's whole causal prefix);
 * the *diagonal* blocks (those holding a position of the block's rows) are always kept, so every
-  row sees itself; they count toward the budget;
+  row sees itself; they come on top of the budget (a budget spent on the diagonal would leave the
+  first rows of a block with nothing but their own key);
 * budget per query block: ``k // block_k`` blocks (``k`` keys) or ``ceil(density * n_visible)``
-  blocks (``density`` of the block's visible key blocks), never fewer than the diagonal blocks;
-  the rest of the budget goes to the other visible blocks by descending mass (ties: lower id);
+  blocks (``density`` of the block's visible key blocks), given to the other visible blocks by
+  descending mass (ties: lower id);
 * row ``p`` attends key ``j`` iff ``j <= p`` and ``j``'s block is kept for ``(group, b)``.
 """
 
@@ -39,7 +40,7 @@ class Oracle(Backend):
     Parameters
     ----------
     k : int or None
-        Keys per query block (``k // block_k`` blocks, diagonal included).
+        Keys per query block (``k // block_k`` blocks besides the diagonal blocks).
     density : float or None
         Fraction in (0, 1] of each query block's visible key blocks.
     block_q, block_k : int
@@ -49,6 +50,7 @@ class Oracle(Backend):
 
     name: ClassVar[str] = "oracle"
     data_dependent: ClassVar[bool] = True
+    reference_only: ClassVar[bool] = True
     k: Optional[int] = None
     density: Optional[float] = 0.1
     block_q: int = 128
@@ -122,7 +124,7 @@ class Oracle(Backend):
             budget = torch.full_like(n_vis, self.k // bk)
         else:
             budget = torch.ceil(self.density * n_vis.double()).long()
-        budget = torch.maximum(budget, diag.sum(-1))  # (nqb,)
+        budget = budget + diag.sum(-1)  # (nqb,): the diagonal blocks rank first
         # rank: diagonal first, then mass descending, ties to the lower id (stable sort)
         key = torch.where(diag, torch.full_like(M, 2.0), M / M.sum(-1, keepdim=True).clamp(min=1e-30))
         key = torch.where(visible, key, torch.full_like(M, -1.0))

@@ -58,6 +58,8 @@ class Backend(Plugin):
 
     kind: ClassVar[str] = "backend"
     data_dependent: ClassVar[bool] = False
+    #: an analysis tool rather than a fast path (e.g. ``oracle``): ``sparsekit bench --backends all`` leaves it out
+    reference_only: ClassVar[bool] = False
 
     def pattern(self, q, k, *, scale: float, q_offset: int):
         """Which keys each query row of q sees, as a :class:`~sparsekit.pattern.Pattern`.

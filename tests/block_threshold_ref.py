@@ -184,7 +184,7 @@ def oracle_select64(orc, q, k, off, scale):
                             mass[j] += float(w[j * bk:min((j + 1) * bk, p + 1)].sum())
                 diag = [j for j in vis if first // bk <= j <= last // bk]
                 budget = orc.k // bk if orc.k is not None else math.ceil(orc.density * len(vis))
-                budget = max(budget, len(diag))
+                budget += len(diag)
                 total = sum(mass.values())
                 rest = sorted((j for j in vis if j not in diag), key=lambda j: (-mass[j], j))
                 n = budget - len(diag)

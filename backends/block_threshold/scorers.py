@@ -63,6 +63,7 @@ class _PooledState:
     qbar: torch.Tensor  # (B, Hq, nqb, D) float32
     kbar: torch.Tensor  # (B, Hkv, nkb, D) float32
     use_triton: bool
+    ieee: bool  # float32 inputs: exact float32 products on the GPU too (else tf32)
 
 
 @dataclass
@@ -72,14 +73,16 @@ class Pooled(BlockScorer):
     name: ClassVar[str] = "pooled"
 
     def prepare(self, geo, q, k, *, use_triton):
-        return _PooledState(geo, block_means(q, geo.block_q), block_means(k, geo.block_k), use_triton)
+        return _PooledState(geo, block_means(q, geo.block_q), block_means(k, geo.block_k), use_triton,
+                            q.dtype in (torch.float32, torch.float64))
 
     def scores(self, st, qb0, qb1):
         geo = st.geo
         if st.use_triton:
             from .triton_pooled import pooled_shares
 
-            return pooled_shares(st.qbar, st.kbar, geo.last_pos(), qb0, qb1, geo.groups, geo.block_k, geo.scale)
+            return pooled_shares(st.qbar, st.kbar, geo.last_pos(), qb0, qb1, geo.groups, geo.block_k, geo.scale,
+                                 ieee=st.ieee)
         qg = _group_q(geo, st.qbar[:, :, qb0:qb1])  # (B, G, HPG, R, D)
         kg = _group_k(geo, st.kbar)  # (B, G, 1, nkb, D)
         logits = (qg @ kg.transpose(-1, -2)) * geo.scale

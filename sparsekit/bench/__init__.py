@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=_ints, default=DEFAULT_NS, help="sequence lengths, e.g. 32K,128K,512K,1M")
     parser.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=["all"],
                         help="backends to time: 'all' (every registered one except dense; the default) or names")
+    parser.add_argument("--specs", nargs="+", default=[],
+                        help="backend specs with options, each one argument, e.g. 'block_threshold(rule=mass(tau=0.9))' "
+                             "(run instead of --backends unless --backends is given too)")
     parser.add_argument("--inputs", type=lambda s: [x for x in s.split(",") if x], default=["random"],
                         help="random, structured or random,structured (default random); data-dependent backends "
                              "select almost everything on random inputs")
@@ -124,10 +127,18 @@ def run(args) -> int:
     return 0
 
 
+def _backends(args):
+    """--backends names plus --specs (``--specs`` alone replaces the default 'all')."""
+    names = list(args.backends)
+    if args.specs:
+        names = ([] if names == ["all"] else names) + list(args.specs)
+    return names
+
+
 def _bench(args, opts):
     return bench(
         ns=args.n,
-        backends=args.backends,
+        backends=_backends(args),
         inputs=args.inputs,
         device=args.device,
         correctors=args.correctors,

@@ -53,6 +53,9 @@ def markdown(results, cfg, env) -> str:
             sp = (ref_ms / total) if (ref_ms and total) else None
             sp_run = (ref_ms / run) if (ref_ms and run and r.get("kind") == "sparse") else None
             note = r.get("error") or r.get("note") or ""
+            if r.get("plan_steps_ms"):
+                note = (note + " " if note else "") + "plan: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in r["plan_steps_ms"].items()) + ";"
             if r.get("steps_ms"):
                 note = (note + " " if note else "") + "steps: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in r["steps_ms"].items())

@@ -36,6 +36,16 @@ DEFAULT_CORRECTORS = ["none", "delta(gamma=64)", "recompute(gamma=64)", "delta(g
 DEFAULT_OPTIONS = {"streaming": "window=2048,sink=1024"}
 
 
+def _reference_only(name: str) -> bool:
+    """Backends that declare themselves analysis tools (e.g. ``oracle``) are left out of ``all``."""
+    from ..registry import BACKENDS
+
+    try:
+        return bool(getattr(BACKENDS.get(name), "reference_only", False))
+    except Exception:  # a broken plug-in is reported when it runs
+        return False
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -228,9 +238,9 @@ def run_one_n(cfg: dict) -> list:
             record(dict(base, name=label, impl="torch"), sdpa, dense_pairs)
 
         # ---- registered backends x correctors, through plan / run
-        names = cfg["backends"] or [b for b in available_backends() if b != "dense"]
+        names = cfg["backends"] or [b for b in available_backends() if b != "dense" and not _reference_only(b)]
         for bname in names:
-            opts = cfg["backend_options"].get(bname, DEFAULT_OPTIONS.get(bname, ""))
+            opts = "" if "(" in bname else cfg["backend_options"].get(bname, DEFAULT_OPTIONS.get(bname, ""))
             for cname in cfg["correctors"]:
                 spec = f"{bname}({opts})" if opts else bname
                 if cname and cname.lower() != "none":
@@ -284,6 +294,13 @@ def run_one_n(cfg: dict) -> list:
                         row["total_ms"] = row["plan_ms"] + row["run_ms"]
                         row["tflops"] = c.total_pairs * B * Hq * 4 * D / (row["total_ms"] * 1e-3) / 1e12
                     if cfg["pieces"] and "error" not in row:
+                        try:
+                            with kernels.use(impl):
+                                tp = attn.plan(q, k, scale=scale, q_offset=0, timings=True)
+                            row["plan_steps_ms"] = {key: s * 1e3 for key, s in tp.timings.items()}
+                            del tp
+                        except Exception as exc:
+                            row["plan_steps_error"] = f"{type(exc).__name__}: {exc}"[:200]
                         try:
                             steps: dict = {}
                             for _ in range(max(1, reps)):
@@ -345,12 +362,15 @@ def bench(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("sparsekit bench: no CUDA device here; for a CPU run pass device='cpu' "
                            "(--device cpu) with small lengths (--n 1K,2K)")
-    from .. import available_backends
+    from .. import SparseAttention, available_backends
 
     if backends in (None, ["all"], ("all",), "all"):
         backends = None
     elif backends:
-        unknown = [b for b in backends if b not in available_backends()]
+        unknown = [b for b in backends if "(" not in b and b not in available_backends()]
+        for b in backends:
+            if "(" in b:
+                SparseAttention.from_string(b)  # a spec with options: it must build
         if unknown:
             raise ValueError(f"unknown backend(s) {unknown}; registered: {', '.join(available_backends())}")
     from .inputs import INPUTS
