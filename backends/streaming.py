@@ -35,5 +35,15 @@ class Streaming(Backend):
         self.window = check_int_option("streaming", "window", self.window, 1)
         self.sink = check_int_option("streaming", "sink", self.sink, 0)
 
+    @classmethod
+    def sweep(cls, n: int) -> list:
+        """``sparsekit sweep``'s settings: sink ``n / 1024`` (at least 16), windows for 0.5..30% of ``n``."""
+        sink = max(16, n // 1024)
+        out = []
+        for x in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3):
+            w = max(16, int(x * n) - sink)
+            out.append(dict(series=cls.name, label=f"window={w}", options=dict(window=w, sink=sink)))
+        return out
+
     def pattern(self, q, k, *, scale: float, q_offset: int) -> Pattern:
         return Pattern.band(q, k, q_offset=q_offset, window=self.window, sink=self.sink)

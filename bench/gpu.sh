@@ -12,6 +12,10 @@
 #   bench     sparsekit bench --backends all --inputs structured,random at 32K and 128K (every corrector)
 #   bench1m   the same at 1M, structured inputs, with the steps of each run (--pieces)
 #   quick     streaming / hip / vertical_slash / plug-in + Δ at 128K only, structured, with --pieces
+#   bttests   pytest -m gpu of block_threshold's scorer and meancorr's kernel
+#   btprobe   block_threshold variants at 4K-1M (probe 1 of bench/results/h200/block_threshold/probes)
+#   probe2    block_threshold forced sparse at 16K-64K, meancorr's cost at 128K (probe 2)
+#   bt12      issue 12's table: block_threshold alone / + Δ / + meancorr at 4K-128K and alone / + Δ at 1M
 set -u
 OUT=${OUT:?set OUT}
 source .gpu-carry/setup.sh
@@ -41,6 +45,34 @@ for stage in "$@"; do
         --correctors "none,delta(gamma=64)" --impls auto,triton --pieces --baselines fa3 --reps 5 \
         --out "$OUT/quick" > "$OUT/quick_stdout.md" 2> "$OUT/quick_log.txt"
       tail -3 "$OUT/quick_log.txt"; grep -E "^\| (FlashInfer|streaming|hip|vertical|strided)" "$OUT/quick/bench.md" | cut -c1-260 ;;
+    bttests)
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs $(ls tests/test_block_threshold.py tests/test_meancorr.py 2>/dev/null) \
+        > "$OUT/gpu_bt_tests.txt" 2>&1; tail -8 "$OUT/gpu_bt_tests.txt" ;;
+    btprobe)  # block_threshold variants at 4K..1M, structured inputs, with the steps of plan and run
+      BT=(block_threshold "block_threshold(min_len=0)" "block_threshold(rule=relative(alpha=0.3))" "block_threshold(budget=2048)")
+      $SK bench --n 4K,16K,128K --specs "${BT[@]}" --inputs structured $COMMON --correctors "none,delta(gamma=64)" \
+        --baselines fa3 --pieces --reps 5 --out "$OUT/btprobe" > /dev/null 2> "$OUT/btprobe_log.txt"
+      $SK bench --n 1M --specs block_threshold "block_threshold(budget=2048)" --inputs structured $COMMON \
+        --correctors "none,delta(gamma=64)" --baselines fa3 --pieces --large-n 512K --large-reps 2 \
+        --out "$OUT/btprobe1m" > /dev/null 2> "$OUT/btprobe1m_log.txt"
+      for f in "$OUT/btprobe/bench.md" "$OUT/btprobe1m/bench.md"; do grep -E "^\| (FlashInfer|block)" "$f" | cut -c1-420; done ;;
+    probe2)  # where block_threshold starts to pay (min_len) and what meancorr costs
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_block_threshold.py tests/test_gpu.py -k "meancorr or scorer" \
+        > "$OUT/gpu_probe2_tests.txt" 2>&1; tail -6 "$OUT/gpu_probe2_tests.txt"
+      $SK bench --n 16K,32K,64K --specs "block_threshold(min_len=0)" --inputs structured $COMMON \
+        --correctors "none,delta(gamma=64)" --baselines fa3 --pieces --reps 5 --out "$OUT/probe2" > /dev/null 2> "$OUT/probe2_log.txt"
+      $SK bench --n 128K --specs block_threshold "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
+        --correctors "meancorr(gamma=64),tailonly(gamma=64)" --baselines fa3 --pieces --reps 5 --out "$OUT/probe2mc" > /dev/null 2> "$OUT/probe2mc_log.txt"
+      for f in "$OUT/probe2/bench.md" "$OUT/probe2mc/bench.md"; do grep -E "^\| (FlashInfer|block|stream)" "$f" | cut -c1-400; done ;;
+    bt12)  # issue 12's speed table: block_threshold (defaults) alone, + Δ, + meancorr, one run, fa3 in the same run
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu.py tests/test_block_threshold.py -k "meancorr or scorer" \
+        > "$OUT/gpu_bt12_tests.txt" 2>&1; tail -3 "$OUT/gpu_bt12_tests.txt"
+      $SK bench --n 4K,16K,32K,128K --specs dense block_threshold --inputs structured $COMMON \
+        --correctors "none,delta(gamma=64),meancorr(gamma=64)" --baselines fa3 --pieces --reps 7 \
+        --out "$OUT/bt12" > /dev/null 2> "$OUT/bt12_log.txt"
+      $SK bench --n 1M --specs block_threshold --inputs structured $COMMON --correctors "none,delta(gamma=64)" \
+        --baselines fa3 --pieces --large-n 512K --large-reps 3 --out "$OUT/bt12_1m" > /dev/null 2> "$OUT/bt12_1m_log.txt"
+      for f in "$OUT/bt12/bench.md" "$OUT/bt12_1m/bench.md"; do grep -E "^\| (FlashInfer|block|dense)" "$f" | cut -c1-300; done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

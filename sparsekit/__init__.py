@@ -35,6 +35,7 @@ __version__ = "0.2.0"
 from .correctors.delta import Delta  # noqa: E402
 from .correctors.recompute import Recompute  # noqa: E402
 from .correctors.tailonly import TailOnly  # noqa: E402
+from .correctors.meancorr import MeanCorr  # noqa: E402
 
 __all__ = [
     "SparseAttention",
@@ -45,6 +46,7 @@ __all__ = [
     "Delta",
     "Recompute",
     "TailOnly",
+    "MeanCorr",
     "Backend",
     "Corrector",
     "Interpolation",

@@ -69,7 +69,7 @@ class Plan:
 
     Attributes
     ----------
-    spec : the SparseAttention spec string
+    spec : the SparseAttention spec string (formatted when read)
     batch, q_heads, kv_heads, nq, nk, head_dim, q_offset, scale, dtype, device : the call
     pattern : the backend's Pattern, or None when the corrector recomputes every row
     choice : the executor's choice for it
@@ -79,7 +79,7 @@ class Plan:
     timings : seconds per planning step when planned with ``timings=True``
     """
 
-    spec: str
+    attention: object
     batch: int
     q_heads: int
     kv_heads: int
@@ -98,6 +98,10 @@ class Plan:
     dense_choice: Optional[Choice] = None
     timings: dict = field(default_factory=dict)
     corrector: object = None
+
+    @property
+    def spec(self) -> str:
+        return str(self.attention)
 
     def cost(self) -> Cost:
         """Exact pairs of this plan per batch item and query head."""
@@ -224,7 +228,7 @@ class SparseAttention:
         if reason:
             raise ValueError(f"backend {self.backend.name!r} cannot run these inputs: {reason}")
         B, Hq, nq, D = q.shape
-        plan = Plan(str(self), B, Hq, k.shape[1], nq, k.shape[2], D, q_offset, scale, q.dtype, q.device,
+        plan = Plan(self, B, Hq, k.shape[1], nq, k.shape[2], D, q_offset, scale, q.dtype, q.device,
                     corrector=self.corrector)
         clock = _Clock(timings, q.device)
         rows = self.corrector.rows(nq) if self.corrector is not None else None

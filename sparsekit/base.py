@@ -54,6 +54,11 @@ class Backend(Plugin):
     here. A backend whose pattern depends on the values of q and k (top-k selection, estimation)
     sets ``data_dependent = True``; its cost then comes from a plan
     (``SparseAttention.plan(q, k).cost()``).
+
+    For ``sparsekit sweep`` (density vs quality) a backend may declare its default knob settings,
+    :meth:`sweep` (none by default: the sweep then skips it unless given ``--specs``), and the curve a
+    setting belongs to, :meth:`series` (its name by default). A ``reference_only`` backend's series
+    named after the backend is the sweep's reference (the ``oracle``: the gap column).
     """
 
     kind: ClassVar[str] = "backend"
@@ -81,6 +86,20 @@ class Backend(Plugin):
     def unsupported(self, q, k, v) -> Optional[str]:
         """A reason this backend cannot run these inputs, or None. Checked before dispatch."""
         return None
+
+    @classmethod
+    def sweep(cls, n: int) -> list:
+        """Default knob settings for ``sparsekit sweep`` at length ``n``, spanning densities of about
+        1% to 50%: ``[{"series": str, "label": str, "options": dict}]``, ``options`` the constructor's
+        keyword arguments, ``series`` the curve the setting belongs to (as :meth:`series` names it),
+        ``label`` its name on that curve. ``[]`` (the default): none, the sweep skips the backend
+        (settings can still be given as specs, ``sparsekit sweep --specs``)."""
+        return []
+
+    def series(self) -> str:
+        """The sweep curve this setting belongs to when it is given as a spec: the backend's name by
+        default; a backend with several knobs may name one curve per knob."""
+        return self.name
 
     # ------------------------------------------------------------------ derived
     def prefill(self, q, k, v, *, scale: Optional[float] = None, q_offset: Optional[int] = None) -> AttentionResult:
@@ -116,7 +135,10 @@ class Corrector(Plugin):
 
     ``row_linear = True`` declares that :meth:`combine`'s output rows are a fixed linear mix of
     sparse and dense rows, channel by channel (true of Δ, recompute, tail-only); the fidelity probe
-    of ``sparsekit eval`` reads effective attention rows through it.
+    of ``sparsekit eval`` reads effective attention rows through it. A corrector that is not (its
+    weights depend on the data, e.g. ``meancorr``) may give them itself as
+    ``effective_rows(pattern, q, k, *, scale, rows) -> [batch, q_heads, len(rows), kv_len]`` float64;
+    without it the probe skips its rank correlation.
     """
 
     kind: ClassVar[str] = "corrector"
@@ -135,7 +157,9 @@ class Corrector(Plugin):
         Called once per call, after the backend ran and before :meth:`combine`, when the corrector
         reads backend rows. The default does nothing. A corrector that estimates the skipped part
         of each row's softmax (e.g. ``meancorr``) merges it into ``sparse`` through lse here and
-        counts its work in :meth:`complement_pairs`.
+        counts its work in :meth:`complement_pairs`. ``sparse`` may be the implementation's own
+        result or views of larger buffers, in any memory layout (``out`` may be ``[B, N, H, D]``
+        underneath): write through the given tensors.
 
         Parameters
         ----------
@@ -148,7 +172,9 @@ class Corrector(Plugin):
         return None
 
     def complement_pairs(self, pattern) -> float:
-        """(row, key-or-summary) pairs :meth:`complement` evaluates per batch item and query head."""
+        """(row, key-or-summary) pairs :meth:`complement` evaluates per batch item and query head
+        (a mean over them when heads differ); :meth:`Plan.cost <sparsekit.attention.Plan.cost>` adds
+        them to the corrector's pairs."""
         return 0
 
     def combine(self, rows, sparse: Optional[AttentionResult], dense: AttentionResult) -> AttentionResult:

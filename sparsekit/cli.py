@@ -1,4 +1,4 @@
-"""``sparsekit`` command line: ``sparsekit demo | bench | eval | show | list``.
+"""``sparsekit`` command line: ``sparsekit demo | bench | sweep | eval | show | list``.
 
 Each subcommand lives in its own module, imported only when used, which adds its
 arguments through ``add_arguments(parser)`` and runs through ``run(args)``. A user error is one line
@@ -16,6 +16,8 @@ import sys
 COMMANDS = {
     "demo": ("sparsekit.demo", "synthetic long-context problem on CPU: dense vs streaming vs corrected"),
     "bench": ("sparsekit.bench", "time one prefill attention layer: dense baselines vs every backend x corrector"),
+    "sweep": ("sparsekit.bench.sweep", "density vs quality (attention mass kept, recall@64) of every backend's "
+                                       "settings, and quality at equal density against the oracle"),
     "eval": ("sparsekit.eval", "does a backend + corrector keep a real model's accuracy? retrieval, perplexity, "
                                "fidelity, locality, and a verdict"),
     "show": ("sparsekit.show", "print (and save as PNG) the pattern of a spec: which keys each query sees"),

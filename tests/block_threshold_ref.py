@@ -213,3 +213,55 @@ def kept(pattern):
         for j in ix[ip[s]:ip[s + 1]].tolist():
             out.add((b, g, i, j))
     return out
+
+
+def oracle_global64(orc, q, k, off, scale):
+    """(must, may) for ``allocate="global"``: weighted float64 masses, greedy by mass per pair."""
+    q, k = q.double(), k.double()
+    B, Hq, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    G = Hkv if orc.share_kv else Hq
+    hpg = Hq // G
+    bq, bk = orc.block_q, orc.block_k
+    nqb, nkb = -(-nq // bq), -(-nk // bk)
+    must, may = set(), set()
+    for b in range(B):
+        for g in range(G):
+            cells, diag_pairs, dense = [], 0, 0
+            for i in range(nqb):
+                r0, r1 = i * bq, min((i + 1) * bq, nq)
+                first, last = off + r0, off + r1 - 1
+                for j in range(nkb):
+                    if j * bk > last:
+                        continue
+                    pairs = sum(max(0, min(off + r, (j + 1) * bk - 1, nk - 1) - j * bk + 1) for r in range(r0, r1))
+                    dense += pairs
+                    if first // bk <= j <= last // bk:
+                        must.add((b, g, i, j))
+                        may.add((b, g, i, j))
+                        diag_pairs += pairs
+                        continue
+                    m = 0.0
+                    for h in range(g * hpg, (g + 1) * hpg):
+                        kv = h * Hkv // Hq
+                        for r in range(r0, r1):
+                            p = off + r
+                            w = torch.softmax((k[b, kv, : p + 1] @ q[b, h, r]) * scale, 0)
+                            m += (p + 1) * float(w[j * bk:min((j + 1) * bk, p + 1)].sum())
+                    cells.append((-(m / pairs), i, j, pairs))
+            left = orc.density * dense - diag_pairs
+            cells.sort()
+            ratios = [-c[0] for c in cells]
+            used = 0.0
+            for idx, (negr, i, j, pairs) in enumerate(cells):
+                near = any(abs(ratios[idx] - r) < EPS * max(1.0, abs(r)) for r in ratios[:idx] + ratios[idx + 1:])
+                if used + pairs <= left:
+                    used += pairs
+                    if not near:
+                        must.add((b, g, i, j))
+                    may.add((b, g, i, j))
+                elif near:
+                    may.add((b, g, i, j))
+                    if any(abs(ratios[idx] - r) < EPS * max(1.0, abs(r)) for r in ratios[:idx]):
+                        break  # order among near-equal cells decides: stop asserting the rest
+    return must, may

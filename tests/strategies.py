@@ -119,6 +119,7 @@ def _oracle_options(draw):
         "block_q": draw(st.sampled_from([8, 16, 32])),
         "block_k": bk,
         "share_kv": draw(st.booleans()),
+        "allocate": "block" if by_k else draw(st.sampled_from(["block", "global"])),
     }
 
 

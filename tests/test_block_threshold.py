@@ -18,7 +18,7 @@ from sparsekit import SparseAttention
 from sparsekit.backends.block_threshold import RULES, SCORERS, BlockThreshold, KeepRule, select
 from sparsekit.backends.oracle import Oracle
 
-from block_threshold_ref import kept, oracle_select64, select64, shares64
+from block_threshold_ref import kept, oracle_global64, oracle_select64, select64, shares64
 from strategies import BACKEND_OPTIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,11 +81,26 @@ def test_scorer_shares_match_reference_and_sum_to_one(data):
 @given(data=st.data())
 def test_oracle_matches_float64_reference(data):
     q, k, off = data.draw(small(max_n=150), label="problem")
-    orc = Oracle(**data.draw(BACKEND_OPTIONS["oracle"], label="options"))
+    orc = Oracle(**dict(data.draw(BACKEND_OPTIONS["oracle"], label="options"), allocate="block"))
     pat = orc.pattern(q, k, scale=0.7, q_offset=off)
     got = kept(pat)
     must, may = oracle_select64(orc, q, k, off, 0.7)
     assert must <= got and got <= may
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_oracle_global_allocation_matches_float64_greedy(data):
+    """allocate="global": the greedy mass-per-pair selection within the density budget (independent loops)."""
+    q, k, off = data.draw(small(max_n=90), label="problem")
+    opts = data.draw(BACKEND_OPTIONS["oracle"], label="options")
+    opts.update(k=None, density=data.draw(st.sampled_from([0.1, 0.3, 0.6]), label="density"), allocate="global")
+    orc = Oracle(**opts)
+    pat = orc.pattern(q, k, scale=0.7, q_offset=off)
+    got = kept(pat)
+    must, may = oracle_global64(orc, q, k, off, 0.7)
+    assert must <= got, f"missing {sorted(must - got)[:5]}"
+    assert got <= may, f"extra {sorted(got - may)[:5]}"
 
 
 def test_oracle_at_full_density_is_dense_and_beats_equal_density_backends():

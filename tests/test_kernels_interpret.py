@@ -47,6 +47,13 @@ def test_every_backends_patterns_through_the_triton_implementations():
     _run("patterns")
 
 
+def test_meancorr_kernel_interpret():
+    """meancorr's Triton kernel against its torch path on every backend's pattern (the plug-in too):
+    fp32 / fp16, batch > 1, GQA, q_offset > 0, block_shift, nk % M != 0, shared / per-head groups,
+    mean blocks smaller / larger than the key blocks; and the corrected pipeline picks the kernel."""
+    _run("meancorr")
+
+
 def test_request_split_uses_each_requests_smallest_position():
     import torch
 
@@ -235,10 +242,119 @@ def _patterns():
         raise AssertionError(f"too few checks ran: {ran}")
 
 
+def _meancorr():
+    import random
+    import time
+
+    import torch
+
+    import sparsekit
+    from sparsekit import SparseAttention, kernels
+    from sparsekit.contract import AttentionResult
+    from sparsekit.correctors.meancorr import MeanCorr, complement_torch, corrected_blocks
+    from sparsekit.kernels.triton_meancorr import mean_complement
+
+    sys.path.insert(0, os.path.join(HERE, "plugin_pkg"))
+    from sparsekit_toy import Strided
+
+    sparsekit.register_backend("strided", Strided)
+    options = {
+        "dense": [{}],
+        "streaming": [{"window": 7, "sink": 3}, {"window": 40, "sink": 0}, {"window": 1, "sink": 9}],
+        "hip": [dict(k=16, block_q=16, block_k=8, stages="", q_stride=2, sink=5, window=9, share_kv=s)
+                for s in (True, False)],
+        # block_q 16 with q_offset 13 / 21: a shifted query-block grid (block_shift = q_offset % 16)
+        "vertical_slash": [dict(vertical_size=9, slash_size=6, last_q=16, sink=2, local=3, block_q=16, block_k=8),
+                           dict(vertical_size=4, slash_size=3, last_q=8, sink=0, local=1, block_q=32, block_k=16)],
+        "strided": [dict(block_q=16, block_k=8, local=1, stride=3), dict(block_q=32, block_k=16, local=2, stride=5)],
+    }
+    blocks = [None, 5, 12, 24]  # the pattern's block_k, odd sizes (rounded up for block lists), larger
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(5)
+    ran = fixed = untouched = shifted = 0
+    t0 = time.perf_counter()
+    for name in sparsekit.available_backends():
+        if name not in options:
+            continue
+        for opts in options[name]:
+            for dtype in (torch.float32, torch.float16):
+                B, Hkv, G = rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([1, 2, 4])
+                Nq, off = rng.randint(20, 90), rng.choice([0, 13, 21])
+                q = torch.randn(B, Hkv * G, Nq, 16, generator=g).to(dtype)
+                k = torch.randn(B, Hkv, Nq + off, 16, generator=g).to(dtype)
+                v = torch.randn(B, Hkv, Nq + off, 16, generator=g).to(dtype)
+                attn = SparseAttention(name, **opts)
+                pat = attn.backend.pattern(q, k, scale=0.25, q_offset=off)
+                shifted += pat.block_shift > 0
+                base = attn.backend.prefill(q, k, v, scale=0.25, q_offset=off)
+                for block in rng.sample(blocks, 2):
+                    corr = MeanCorr(block=block)
+                    M = corr.mean_block(pat)
+                    ref = AttentionResult(base.out.clone(), base.lse.clone())
+                    got = AttentionResult(base.out.clone(), base.lse.clone())
+                    if corr.path(pat, got, q, k)[0] != "triton":
+                        raise AssertionError(f"meancorr: no Triton path: {corr.path(pat, got, q, k)}")
+                    complement_torch(pat, ref, q, k, v, scale=0.25, block=M)
+                    mean_complement(pat, got.out, got.lse, q, k, v, scale=0.25, block=M)
+                    label = f"meancorr {name}{opts} block={block} M={M}{(B, Hkv, G, Nq, off, dtype)}"
+                    _check(label, got.out, got.lse, ref, dtype)
+                    changed = pat.expand(corrected_blocks(pat, M, 0, Nq)).any(-1)  # rows with a corrected block
+                    # rows without a corrected block are untouched, bit for bit
+                    if not (torch.equal(got.out[~changed], base.out[~changed])
+                            and torch.equal(got.lse[~changed], base.lse[~changed])):
+                        raise AssertionError(f"{label}: a row without a corrected block changed")
+                    ran += 1
+                    fixed += int(changed.sum())
+                    untouched += int((~changed).sum())
+    t_short = time.perf_counter() - t0
+    # longer rows: several summary-key tiles per program and list segments longer than one pointer chunk
+    for name, opts, block in (("strided", dict(block_q=64, block_k=4, local=2, stride=3), None),
+                              ("strided", dict(block_q=32, block_k=4, local=1, stride=2), 8),
+                              ("vertical_slash", dict(vertical_size=30, slash_size=20, last_q=16, sink=3, local=2,
+                                                      block_q=32, block_k=4), 4)):
+        q = torch.randn(1, 2, 200, 16, generator=g)
+        k = torch.randn(1, 1, 207, 16, generator=g)
+        v = torch.randn(1, 1, 207, 16, generator=g)
+        attn = SparseAttention(name, **opts)
+        pat = attn.backend.pattern(q, k, scale=0.25, q_offset=7)
+        seg_len = int((pat.block_indptr[1:] - pat.block_indptr[:-1]).max())
+        base = attn.backend.prefill(q, k, v, scale=0.25, q_offset=7)
+        corr = MeanCorr(block=block)
+        M = corr.mean_block(pat)
+        ref = AttentionResult(base.out.clone(), base.lse.clone())
+        got = AttentionResult(base.out.clone(), base.lse.clone())
+        complement_torch(pat, ref, q, k, v, scale=0.25, block=M)
+        mean_complement(pat, got.out, got.lse, q, k, v, scale=0.25, block=M)
+        _check(f"meancorr long {name}{opts} M={M} (longest list {seg_len})", got.out, got.lse, ref, torch.float32)
+        if seg_len <= 16 or 207 // M <= 16:  # BLOCK_J and BLOCK_L are 16 under the interpreter
+            raise AssertionError(f"meancorr long {name}: lists of {seg_len}, {207 // M} mean blocks: too short")
+        fixed += int(pat.expand(corrected_blocks(pat, M, 0, 200)).any(-1).sum())
+    t_long = time.perf_counter() - t0 - t_short
+    # the whole pipeline picks the kernel on CPU under the interpreter; torch when triton is excluded
+    q = torch.randn(2, 4, 150, 16, generator=g)
+    k = torch.randn(2, 2, 157, 16, generator=g)
+    v = torch.randn(2, 2, 157, 16, generator=g)
+    for spec in ("streaming(window=16,sink=4)+meancorr(gamma=16,block=8)",
+                 "strided(block_q=16,block_k=8,local=1,stride=4)+meancorr(gamma=8,tail=20)"):
+        attn = SparseAttention.from_string(spec)
+        plan = attn.plan(q, k)
+        if attn.corrector.path(plan.pattern, AttentionResult(q, q[..., 0]), q, k)[0] != "triton":
+            raise AssertionError(f"{spec}: the pipeline does not pick the Triton path")
+        got = attn.run(plan, q, k, v)
+        with kernels.use("reference"):
+            ref = attn.forward(q, k, v)
+        _check(spec, got.out, got.lse, ref, torch.float32)
+    print(f"meancorr: {ran} runs, {fixed} corrected rows, {untouched} untouched, {shifted} shifted grids "
+          f"({t_short:.1f} s, {t_long:.1f} s, {time.perf_counter() - t0 - t_short - t_long:.1f} s)")
+    if ran < 40 or fixed < 2000 or untouched < 2000 or shifted < 2:
+        raise AssertionError(f"too few checks ran: {ran} runs, {fixed} corrected rows, {untouched} untouched, "
+                             f"{shifted} shifted grids")
+
+
 if __name__ == "__main__":
     group = sys.argv[1]
     import torch
 
     torch.set_num_threads(1)
-    {"streaming": _streaming, "rows": _rows, "delta": _delta, "patterns": _patterns}[group]()
+    {"streaming": _streaming, "rows": _rows, "delta": _delta, "patterns": _patterns, "meancorr": _meancorr}[group]()
     print(f"OK {group}")

@@ -12,7 +12,8 @@ from sparsekit import SparseAttention, merge, merge_many
 from sparsekit.reference import masked_attention
 
 from pattern_ref import lowered_mask, rule_mask
-from ref64 import attention64, causal_mask, corrected64, paper_rows
+from ref64 import (attention64, causal_mask, corrected64, corrected_blocks64, mean_block64, meancorr64, paper_rows,
+                   tailonly_rows)
 from strategies import BACKEND_OPTIONS, PER_HEAD_OPTIONS
 
 CORRECTORS = {
@@ -22,6 +23,7 @@ CORRECTORS = {
     "delta-ema": ("delta", "ema"),
     "delta-abg": ("delta", "abg"),
     "recompute": ("recompute", None),
+    "meancorr": ("meancorr", None),
 }
 
 
@@ -104,6 +106,8 @@ def _corrector(kind, data):
     tail = data.draw(st.one_of(st.none(), st.integers(0, 200)), label="tail")
     spec = {"name": name, "gamma": gamma, "tail": tail}
     params = {}
+    if name == "meancorr":
+        spec["block"] = data.draw(st.one_of(st.none(), st.integers(1, 80)), label="block")
     if name == "delta":
         if interp == "ema":
             params = {"beta": data.draw(st.sampled_from([0.5, 0.75, 0.95]), label="beta")}
@@ -124,15 +128,43 @@ def test_backend_x_corrector_matches_float64_reference(backend, corrector, data)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     scale = q.shape[-1] ** -0.5
-    mask = attn.backend.mask(q, k, scale=scale, q_offset=off)
+    pat = attn.backend.pattern(q, k, scale=scale, q_offset=off)
+    mask = pat.expand(pat.mask())  # attn.backend.mask(q, k, ...), without a second selection
     sp_out, sp_lse = attention64(q, k, v, mask, scale)
     if kind is None:
         exp_out, exp_lse = sp_out, sp_lse
+    elif kind[0] == "meancorr":
+        _check_meancorr(attn, pat, q, k, v, off, scale, mask, sp_out, sp_lse, out, lse, spec)
+        return
     else:
         dn_out, dn_lse = attention64(q, k, v, causal_mask(q.shape[2], k.shape[2], off), scale)
         mode = "recompute" if kind[0] == "recompute" else kind[1]
         exp_out, exp_lse = corrected64(mode, params, sp_out, sp_lse, dn_out, dn_lse, spec["gamma"], spec["tail"])
     assert_close(out, exp_out, q.dtype, str(attn))
+    assert_lse_close(lse, exp_lse, str(attn))
+
+
+def _check_meancorr(attn, pat, q, k, v, off, scale, mask, sp_out, sp_lse, out, lse, spec):
+    """meancorr against ref64: tailonly's dense rows, the mean correction merged into the other rows."""
+    M = mean_block64(spec["block"], pat.block_k, pat.block_indptr is not None)
+    exp_out, exp_lse, fixed = meancorr64(q, k, v, mask, scale, M, off, sp_out, sp_lse)
+    n_body, dense_rows = tailonly_rows(q.shape[2], spec["gamma"], spec["tail"])
+    if dense_rows:
+        dn_out, dn_lse = attention64(q, k, v, causal_mask(q.shape[2], k.shape[2], off), scale)
+        exp_out[:, :, dense_rows] = dn_out[:, :, dense_rows]
+        exp_lse[:, :, dense_rows] = dn_lse[:, :, dense_rows]
+        fixed[:, :, dense_rows] = False
+    atol, rtol = _tols(q.dtype)
+    bound = atol + rtol * exp_out.abs()
+    if q.dtype == torch.float64:
+        # the backend hands its lse over as float32 (the contract), and the merge weighs the sparse row by
+        # exp(lse_s - lse): out moves by w_s * (out_s - out) per unit of lse_s, times lse_s's rounding
+        w_s = torch.exp(sp_lse - torch.where(torch.isfinite(exp_lse), exp_lse, torch.zeros_like(exp_lse)))
+        ulp = sp_lse.abs().nan_to_num(0.0, posinf=0.0) * 2.0**-23
+        bound = bound + torch.where(fixed, ulp * w_s, torch.zeros_like(w_s))[..., None] * (sp_out - exp_out).abs()
+    err = (out.double() - exp_out).abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), f"{attn}: max err {err.max().item():.3e} at {bad.nonzero()[0].tolist()}"
     assert_lse_close(lse, exp_lse, str(attn))
 
 
@@ -183,6 +215,36 @@ def test_plan_cost_counts_what_runs(corrector, data):
     assert c.corrector_pairs == int((rows.dense_rows() + off + 1).sum())
     assert c.dense_pairs == int((off + torch.arange(q.shape[2]) + 1).sum())
     assert c == attn.cost(q.shape[2], k.shape[2], off)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_meancorr_pairs_count_the_corrected_blocks(backend, data):
+    """meancorr's complement_pairs equals the (row, corrected block) pairs counted from the keep-mask, for
+    the backend's own pattern and for the body rows a corrected plan runs it over; cost() adds them."""
+    q, k, v, q_offset, off = data.draw(problems(max_n=300), label="problem")
+    options = data.draw(BACKEND_OPTIONS.get(backend, st.just({})), label="options")
+    block = data.draw(st.one_of(st.none(), st.integers(1, 80)), label="block")
+    gamma = data.draw(st.integers(1, 80), label="gamma")
+    tail = data.draw(st.one_of(st.none(), st.integers(0, 200)), label="tail")
+    attn = SparseAttention(backend, corrector={"name": "meancorr", "gamma": gamma, "tail": tail, "block": block},
+                           **options)
+    scale = q.shape[-1] ** -0.5
+    pat = attn.backend.pattern(q, k, scale=scale, q_offset=off)
+    M = mean_block64(block, pat.block_k, pat.block_indptr is not None)
+    assert attn.corrector.mean_block(pat) == M
+    keep = pat.expand(pat.mask())
+    counted = corrected_blocks64(keep, M, off).sum(dim=(-1, -2)).double().mean().item()
+    assert float(attn.corrector.complement_pairs(pat)) == pytest.approx(counted, rel=1e-12, abs=0)
+    plan = attn.plan(q, k, q_offset=off)
+    rows = attn.corrector.rows(q.shape[2])
+    dense_pairs = int((rows.dense_rows() + off + 1).sum())
+    if plan.pattern is None:
+        assert plan.cost().corrector_pairs == dense_pairs
+    else:
+        nb = plan.pattern.nq
+        body = corrected_blocks64(keep[..., :nb, :], M, off).sum(dim=(-1, -2)).double().mean().item()
+        assert float(plan.cost().corrector_pairs) == pytest.approx(dense_pairs + body, rel=1e-12, abs=0)
 
 
 @given(data=st.data())

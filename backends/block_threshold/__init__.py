@@ -65,7 +65,9 @@ class BlockThreshold(Backend):
     budget : int or None
         At most this many rule-kept keys per query block (rounded down to blocks); None: no cap.
     min_len : int
-        Calls with fewer query rows run dense causal.
+        Calls with fewer query rows run dense causal. Default 32768: on an H200 (Llama-3.1-8B layer shape,
+        structured inputs) the sparse path's scoring and kernel planning cost more than they save at 16K
+        (4.6 ms against dense fa3's 3.1) and it is 1.5x faster at 32K (``bench/results/h200/block_threshold/``).
     dense_last : int
         The last ``dense_last`` query blocks keep every visible key block.
     share_kv : bool
@@ -81,7 +83,7 @@ class BlockThreshold(Backend):
     sink: int = 128
     window: int = 1024
     budget: Optional[int] = None
-    min_len: int = 8192
+    min_len: int = 32768
     dense_last: int = 1
     share_kv: bool = True
 
@@ -100,6 +102,41 @@ class BlockThreshold(Backend):
         self._rule = build_piece(RULES, KeepRule, self.rule, n, "rule")
         self._scorer.check(self.block_q, self.block_k)
         self.scorer, self.rule = str(self._scorer), str(self._rule)
+
+    #: the scorers of :meth:`sweep`'s default settings
+    sweep_scorers: ClassVar[tuple] = ("pooled", "vslash", "antidiagonal(stride=8)")
+
+    @classmethod
+    def sweep(cls, n: int, scorers=None) -> list:
+        """``sparsekit sweep``'s settings, for each of ``scorers`` (default :attr:`sweep_scorers`; ``sparsekit
+        sweep --scorers`` passes its own): ``alpha`` 0.5..0.005, ``tau`` 0.3..0.98 and a ``budget`` of ``n / 256``
+        to ``n / 4`` keys (rule ``relative(alpha=0.001)``: the budget alone decides); one curve per scorer and
+        knob. Blocks of 64 up to 32K, 128 above (at 16K a 128-key grid cannot go below ~4% density: sink,
+        window and diagonal blocks alone), sink one block, window ``n / 256``, ``min_len=0``, ``dense_last=0``
+        (every density is the selection's own)."""
+        bs = 64 if n <= 32768 else 128
+        common = dict(block_q=bs, block_k=bs, sink=bs, window=max(bs, n // 256), min_len=0, dense_last=0)
+        out = []
+        for sc in cls.sweep_scorers if scorers is None else scorers:
+            short = sc.split("(")[0]
+            for a in (0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005):
+                out.append(dict(series=f"{cls.name} {short} alpha", label=f"alpha={a}",
+                                options=dict(scorer=sc, rule=f"relative(alpha={a})", **common)))
+            for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
+                out.append(dict(series=f"{cls.name} {short} tau", label=f"tau={t}",
+                                options=dict(scorer=sc, rule=f"mass(tau={t})", **common)))
+            for f in (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
+                bud = max(bs, int(round(f * n / bs)) * bs)
+                out.append(dict(series=f"{cls.name} {short} budget", label=f"budget={bud}",
+                                options=dict(scorer=sc, rule="relative(alpha=0.001)", budget=bud, **common)))
+        return out
+
+    def series(self) -> str:
+        """The sweep curve: ``"block_threshold SCORER KNOB"``, the scorer without its options and the knob
+        ``budget`` (a budget is set), ``alpha`` (relative rule), ``tau`` (mass rule) or the rule's name."""
+        rule = self.rule.split("(")[0]
+        knob = "budget" if self.budget is not None else {"relative": "alpha", "mass": "tau"}.get(rule, rule)
+        return f"{self.name} {self.scorer.split('(')[0]} {knob}"
 
     def pattern(self, q, k, *, scale: float, q_offset: int) -> Pattern:
         if q.shape[2] < self.min_len:

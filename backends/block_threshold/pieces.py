@@ -11,14 +11,13 @@ a backend spec as nested calls: ``block_threshold(scorer=antidiagonal(stride=8),
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
 from sparsekit.registry import Registry
-from sparsekit.spec import SpecError, format_spec, parse_spec
+from sparsekit.spec import SpecError, format_spec, instantiate, parse_spec
 
 __all__ = ["Geometry", "BlockScorer", "KeepRule", "SCORERS", "RULES", "build_piece"]
 
@@ -150,11 +149,7 @@ def build_piece(registry: Registry, base: type, spec, owner: str, option: str):
     cls = registry.get(opts.pop("name"))
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{owner}: the {registry.kind} {cls!r} must subclass {base.__module__}.{base.__name__}")
-    valid = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    unknown = [k for k in opts if k not in valid]
-    if unknown:
-        raise TypeError(
-            f"{owner}: unknown option(s) {', '.join(map(repr, unknown))} for the {registry.kind} {cls.name!r}; "
-            f"valid options: {', '.join(valid) or '(none)'}"
-        )
-    return cls(**opts)
+    try:
+        return instantiate(cls, opts)
+    except TypeError as e:
+        raise TypeError(f"{owner}: {e}") from None

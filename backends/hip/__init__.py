@@ -38,6 +38,7 @@ from the official package and why.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,6 +75,16 @@ def parse_stages(stages) -> list[tuple[int, int]]:
         return [(int(c), int(k)) for c, k in stages]
     except (TypeError, ValueError):
         raise TypeError(f"hip: stages must be a string 'chunk:keep/...' or (chunk, keep) pairs, got {stages!r}") from None
+
+
+def _up(x: float, m: int) -> int:
+    """``x`` rounded up to a positive multiple of ``m``."""
+    return max(m, int(math.ceil(x / m)) * m)
+
+
+def _near(x: float, m: int) -> int:
+    """``x`` rounded to the nearest positive multiple of ``m``."""
+    return max(m, int(round(x / m)) * m)
 
 
 # ------------------------------------------------------------------------------- backend
@@ -145,6 +156,20 @@ class HiP(Backend):
                 )
             prev = c
         self._stages = st
+
+    @classmethod
+    def sweep(cls, n: int) -> list:
+        """``sparsekit sweep``'s settings: sink = window = ``n / 256`` (whole 64-key blocks), ``k`` from
+        ``n / 256`` to ``n / 4``, one coarse stage of 256-key chunks keeping ``8 k`` (none once that covers ``n``)."""
+        bk = 64
+        sw = _up(n / 256, bk)
+        out = []
+        for f in (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
+            k = _near(f * n, bk)
+            keep = _up(max(8 * k, k + 256), 256)
+            stages = f"256:{keep}" if keep < n else ""
+            out.append(dict(series=cls.name, label=f"k={k}", options=dict(k=k, sink=sw, window=sw, stages=stages)))
+        return out
 
     # ------------------------------------------------------------------ geometry
     @property

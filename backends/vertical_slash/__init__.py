@@ -104,6 +104,19 @@ class VerticalSlash(Backend):
                 f"vertical_slash: block_q ({self.block_q}) must be a multiple of block_k ({self.block_k})"
             )
 
+    @classmethod
+    def sweep(cls, n: int) -> list:
+        """``sparsekit sweep``'s settings: slash budgets from ``n / 1024`` to ``n / 4`` (at least 16), vertical =
+        slash / 6 (MInference's ratio, at least 30), ``local = min(100, slash)``."""
+        out = []
+        for f in (1 / 1024, 1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
+            sl = max(16, int(f * n))
+            v = max(30, sl // 6)
+            loc = min(100, sl)  # the default local=100 unless the slash budget is smaller
+            out.append(dict(series=cls.name, label=f"vertical={v},slash={sl}",
+                            options=dict(vertical_size=v, slash_size=sl, local=loc)))
+        return out
+
     def unsupported(self, q, k, v) -> Optional[str]:
         Hq = q.shape[1]
         for what in ("vertical_size", "slash_size"):

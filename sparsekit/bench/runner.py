@@ -129,20 +129,36 @@ def _refusals(plan) -> dict:
     return out
 
 
-def _quality(q, k, rows, scale, pattern, top=64):
-    """Attention mass the pattern keeps and recall of the top-``top`` keys, averaged over sampled rows and heads."""
+def _row_scores(q, k, rows, scale, top=64):
+    """What :func:`_quality` needs of each sampled row that no pattern changes, computed once:
+    ``[(r, s, lse, idx)]`` with ``s`` the float32 scaled scores over the row's causal prefix
+    ``[B, Hq, r + 1]``, ``lse`` their logsumexp ``[B, Hq, 1]`` and ``idx`` the top-``top`` keys."""
     import torch
 
-    G = q.shape[1] // k.shape[1]
-    mass, recall = [], []
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    out = []
     for r in rows.tolist():
-        keys = torch.arange(r + 1, device=q.device)
-        s = torch.einsum("bhd,bhkd->bhk", q[:, :, r].float(), k[:, :, : r + 1].float().repeat_interleave(G, 1)) * scale
-        p = torch.softmax(s, -1)
+        qr = q[:, :, r].float().reshape(B, Hkv, Hq // Hkv, D)  # query head h = kv * G + g
+        s = torch.einsum("bhgd,bhkd->bhgk", qr, k[:, :, : r + 1].float()).reshape(B, Hq, r + 1) * scale
+        out.append((r, s, torch.logsumexp(s, -1, keepdim=True), s.topk(min(top, r + 1), -1).indices))
+    return out
+
+
+def _quality(q, k, rows, scale, pattern, top=64, scores=None):
+    """Attention mass the pattern keeps and recall of the top-``top`` keys, averaged over sampled rows and heads.
+
+    ``scores``: :func:`_row_scores` of the same rows, to reuse across patterns (computed here if None).
+    """
+    import torch
+
+    if scores is None:
+        scores = _row_scores(q, k, rows, scale, top)
+    mass, recall = [], []
+    for r, s, lse, idx in scores:
+        keys = torch.arange(r + 1, device=s.device)
         keep = pattern.expand(pattern.keep(r, r + 1, keys))[:, :, 0]  # [B, Hq, r + 1]
-        mass.append((p * keep).sum(-1).mean().item())
-        t = min(top, r + 1)
-        idx = s.topk(t, -1).indices
+        mass.append((torch.exp(s - lse) * keep).sum(-1).mean().item())
         recall.append(keep.gather(-1, idx).float().mean().item())
     return sum(mass) / len(mass), sum(recall) / len(recall)
 

@@ -48,6 +48,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--configs", nargs="+", default=None, metavar="CFG",
                    help="explicit configs: 'dense' (SDPA) or 'label=spec'; default: the grid below")
+    p.add_argument("--configs-file", default=None, metavar="FILE",
+                   help="explicit configs from a file, one 'dense' or 'label=spec' per line ('#' comments); "
+                        "after --configs when both are given")
     p.add_argument("--window", type=int, nargs="+", default=[256], help="streaming windows of the grid (default 256)")
     p.add_argument("--sink", type=int, default=16, help="streaming sink of the grid (default 16)")
     p.add_argument("--gamma", type=int, nargs="+", default=[64], help="corrector strides of the grid (default 64)")
@@ -97,10 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args) -> list:
-    from .configs import default_grid, parse_configs
+    from .configs import default_grid, parse_configs, read_configs_file
 
-    if args.configs:
-        cfgs = parse_configs(args.configs)
+    items = list(args.configs or [])
+    if getattr(args, "configs_file", None):
+        items += read_configs_file(args.configs_file)
+    if items:
+        cfgs = parse_configs(items)
         if args.dense_layers:
             from dataclasses import replace
 

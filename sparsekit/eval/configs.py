@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-__all__ = ["Config", "default_grid", "parse_configs"]
+__all__ = ["Config", "default_grid", "parse_configs", "read_configs_file"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,22 @@ def parse_configs(items: Sequence[str]) -> list:
     if len(set(labels)) != len(labels):
         raise ValueError(f"duplicate config labels: {labels}")
     return out
+
+
+def read_configs_file(path) -> list:
+    """The config items of a grid file: one ``dense`` or ``label=spec`` (or bare spec) per line.
+
+    Blank lines are skipped and ``#`` starts a comment (to the end of the line; specs never contain
+    ``#``). Returns the items as strings, for :func:`parse_configs`. Raises ``FileNotFoundError`` when
+    the file does not exist and ``ValueError`` when it holds no config.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--configs-file: no such file {str(path)!r}")
+    items = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    items = [it for it in items if it]
+    if not items:
+        raise ValueError(f"--configs-file {str(path)!r} holds no config (one 'dense' or 'label=spec' per line)")
+    return items

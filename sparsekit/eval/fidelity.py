@@ -16,12 +16,14 @@ Effective attention rows (for Spearman): a plain backend's row is the softmax ov
 :meth:`~sparsekit.Backend.pattern`; recompute / tail-only rows are dense or sparse rows;
 a Δ row is ``A_sparse[i] + Σ_k W[i, k] (A_dense[a_k] - A_sparse[a_k])`` where ``W`` is the
 interpolation's spreading weights (obtained by spreading the identity; exact for the linear
-interpolations shipped). ``recon_err`` = max |A_eff V - out| checks this against the
+interpolations shipped); a meancorr row gives each key of a corrected block ``exp(scale q.kbar - lse)``
+(its own ``effective_rows``). ``recon_err`` = max |A_eff V - out| checks this against the
 config's actual output. Spearman uses average ranks for ties, over the row's causal prefix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 
 from .configs import Config
 
-__all__ = ["run_fidelity", "capture_qkv", "rankdata", "spearman", "effective_rows"]
+__all__ = ["run_fidelity", "capture_qkv", "rankdata", "spearman", "prefix_ranks", "prefix_spearman", "effective_rows"]
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,38 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ra * rb).sum(-1) / den
 
 
+def prefix_ranks(A: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Centred average ranks of every row of ``A [H, R, N]`` over its causal prefix, all rows at once.
+
+    Row ``(h, j)`` is ranked over ``A[h, j, :positions[j] + 1]`` exactly as :func:`rankdata` ranks it
+    (ties share their mean rank), then centred (its mean rank, ``(n - 1) / 2``, subtracted); entries past
+    the prefix are 0. Returns float64 ``[H, R, N]``, the input of :func:`prefix_spearman`. One batched sort
+    instead of one call per row.
+    """
+    H, R, N = A.shape
+    keys = torch.arange(N, device=A.device)
+    valid = (keys[None, :] <= positions[:, None]).expand(H, R, N)
+    x = A.double().masked_fill(~valid, float("inf"))  # entries past the prefix sort last
+    s, idx = x.sort(dim=-1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[..., 1:] = s[..., 1:] != s[..., :-1]
+    pos = keys.expand_as(s)
+    first = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=-1).values  # first position of the tie group
+    last_of = torch.ones_like(new)
+    last_of[..., :-1] = new[..., 1:]
+    big = torch.full_like(pos, N)
+    last = torch.where(last_of, pos, big).flip(-1).cummin(dim=-1).values.flip(-1)  # its last position
+    ranks = torch.empty_like(s).scatter_(-1, idx, (first + last).double() / 2)
+    n = (positions + 1).double()[None, :, None]
+    return torch.where(valid, ranks - (n - 1) / 2, torch.zeros_like(ranks))
+
+
+def prefix_spearman(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation ``[H, R]`` from two :func:`prefix_ranks` outputs (same rows and prefixes); NaN where
+    a row is constant on one side (as :func:`spearman`)."""
+    return (ra * rb).sum(-1) / (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
+
+
 def _rows_softmax(q_rows, k, scale, keep) -> torch.Tensor:
     """Attention probabilities ``[B, Hq, R, Nk]`` (float64) of gathered rows under a keep mask."""
     B, Hq, R, D = q_rows.shape
@@ -71,16 +105,22 @@ def _causal(rows: torch.Tensor, nk: int, device) -> torch.Tensor:
     return torch.arange(nk, device=device)[None, :] <= rows[:, None]
 
 
-def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor) -> Optional[torch.Tensor]:
+def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor, pattern=None,
+                   mix_cache: Optional[dict] = None) -> Optional[torch.Tensor]:
     """Effective attention ``[B, Hq, R, Nk]`` (float64) of ``attn`` at query ``rows`` (absolute = row index, q_offset 0).
 
     The backend's rows come from its pattern for the whole call (data-dependent selection included).
     A corrector declared ``row_linear`` (its output rows are a fixed linear mix of sparse and dense
-    rows) is read through :func:`mixing`; for any other corrector this returns None.
+    rows) is read through :func:`mixing`; any other corrector through its own
+    ``effective_rows(pattern, q, k, *, scale, rows)`` when it has one (``meancorr``), else this returns
+    None (the config's ρ and reconstruction error are then left empty, its cosine is still measured).
     """
     N, nk = q.shape[2], k.shape[2]
     dev = q.device
-    pat = attn.backend.pattern(q, k, scale=scale, q_offset=0)
+    # pattern: the backend's pattern over every row of the call, when the caller already has it;
+    # mix_cache: a dict that keeps a row-linear corrector's mixing map between calls (it depends on the
+    # corrector, the length and the rows only, not on q and k: the fidelity probe reuses it on every layer)
+    pat = pattern if pattern is not None else attn.backend.pattern(q, k, scale=scale, q_offset=0)
 
     def sparse_at(r):
         return _rows_softmax(q[:, :, r], k, scale, _pattern_rows(pat, r))
@@ -92,11 +132,20 @@ def effective_rows(attn, q, k, *, scale: float, rows: torch.Tensor) -> Optional[
     if corr is None:
         return sparse_at(rows)
     if not getattr(corr, "row_linear", False):
-        return None
+        # not a fixed mix of sparse and dense rows (e.g. meancorr, whose weights depend on lse): read it
+        # through the corrector's own effective rows when it gives them, else skip (rho is reported empty)
+        own = getattr(corr, "effective_rows", None)
+        return own(pat, q, k, scale=scale, rows=rows) if callable(own) else None
     plan = corr.rows(N)
     didx = plan.dense_rows(dev)
-    ms, md = mixing(corr, plan, N, didx.numel(), dev)
-    ms, md = ms[rows], md[rows]  # [R, N], [R, nd]
+    key = (str(attn), N, tuple(rows.tolist()), str(dev))
+    if mix_cache is not None and key in mix_cache:
+        ms, md = mix_cache[key]
+    else:
+        ms, md = mixing(corr, plan, N, didx.numel(), dev)
+        ms, md = ms[rows], md[rows]  # [R, N], [R, nd]
+        if mix_cache is not None:
+            mix_cache[key] = (ms, md)
     need_s = (ms != 0).any(0).nonzero().squeeze(1)
     need_d = (md != 0).any(0).nonzero().squeeze(1)
     out = torch.zeros(q.shape[0], q.shape[1], rows.numel(), nk, dtype=torch.float64, device=dev)
@@ -138,6 +187,16 @@ def _pattern_rows(pat, rows):
         masks.append(pat.expand(pat.keep(r[i], r[j] + 1, keys)))
         i = j + 1
     return torch.cat(masks, dim=-2)
+
+
+@contextlib.contextmanager
+def _fixed_pattern(backend, pattern):
+    """Inside the block ``backend.pattern(...)`` returns ``pattern`` (computed on the same q, k before)."""
+    backend.pattern = lambda *a, **kw: pattern  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del backend.pattern
 
 
 @torch.no_grad()
@@ -197,23 +256,36 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
         bar = tqdm(total=len(captured) * len(sparse_cfgs), desc="fidelity", unit="layer", dynamic_ncols=True)
     for c in sparse_cfgs:
         result["configs"][c.label] = dict(spec=c.spec, cos_mean=[], cos_p10=[], cos_median=[],
-                                          rho_mean=[], rho_p10=[], rho_median=[], recon_err=[])
+                                          rho_mean=[], rho_p10=[], rho_median=[], recon_err=[], density=[])
+    mixes: dict = {}  # row-linear correctors' mixing maps, shared by the layers
     for layer in sorted(captured):
         q, k, v = captured[layer]
         scale = scales[layer]
         A_d = _rows_softmax(q[:, :, probe], k, scale, _causal(probe, N, q.device))  # [1,Hq,R,N]
         out_d = torch.matmul(A_d, v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+        # the backend's pattern over every row of this layer, once per backend spec: its configs (plain and
+        # corrected) all run on the same q, k, so they share it (a data-dependent selection, e.g. the
+        # oracle's, is the costly part of a probe on the CPU)
+        patterns: dict = {}
         ranks_d = None
         for c in sparse_cfgs:
             attn = attns[c.label]
             if c.dense_layers and layer in c.dense_layers:
                 o = out_d.float()
                 A_e = A_d
+                density = 1.0
             else:
-                o = attn(q, k, v, scale=scale, q_offset=0)[:, :, probe]
-                A_e = effective_rows(attn, q, k, scale=scale, rows=probe)
+                key = str(attn.backend)
+                if key not in patterns:
+                    patterns[key] = attn.backend.pattern(q, k, scale=scale, q_offset=0)
+                with _fixed_pattern(attn.backend, patterns[key]):
+                    plan = attn.plan(q, k, scale=scale, q_offset=0)
+                o = attn.run(plan, q, k, v).out[:, :, probe]
+                density = float(plan.cost().density)
+                A_e = effective_rows(attn, q, k, scale=scale, rows=probe, pattern=patterns[key], mix_cache=mixes)
             cos = torch.nn.functional.cosine_similarity(o.double(), out_d, dim=-1).flatten()
             st = result["configs"][c.label]
+            st["density"].append(density)
             st["cos_mean"].append(float(cos.mean()))
             st["cos_median"].append(float(cos.median()))
             st["cos_p10"].append(float(cos.quantile(0.1)))
@@ -223,10 +295,10 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
             else:
                 o_e = torch.matmul(A_e, v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
                 st["recon_err"].append(float((o_e - o.double()).abs().max()))
-                rho = []
-                for j, p in enumerate(probe.tolist()):
-                    rho.append(spearman(A_e[0, :, j, : p + 1], A_d[0, :, j, : p + 1]))
-                rho = torch.stack(rho, dim=1).flatten()  # [Hq * R]
+                if ranks_d is None:  # the dense rows' ranks, once per layer
+                    ranks_d = prefix_ranks(A_d[0], probe)
+                # per (head, probe row) over the row's causal prefix; the same numbers as spearman() row by row
+                rho = prefix_spearman(prefix_ranks(A_e[0], probe), ranks_d).flatten()  # [Hq * R]
                 rho = rho[~torch.isnan(rho)]
                 st["rho_mean"].append(float(rho.mean()))
                 st["rho_median"].append(float(rho.median()))

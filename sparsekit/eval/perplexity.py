@@ -70,12 +70,21 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor, last: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, config: Config, last: int) -> torch.Tensor:
-    """Per-token NLL (float64, ``[last]``) of the last ``last`` tokens of ``ids`` ``[1, N]`` under ``config``."""
+def window_nll(model, ids: torch.Tensor, config: Config, last: int, pairs: dict | None = None) -> torch.Tensor:
+    """Per-token NLL (float64, ``[last]``) of the last ``last`` tokens of ``ids`` ``[1, N]`` under ``config``.
+
+    ``pairs``: a dict that receives the prefill's attended pairs summed over the sparse layers
+    (:func:`~sparsekit.eval.plan.prefill_pairs`; left empty for dense SDPA).
+    """
     from sparsekit.hf import use
 
-    with use(model, config.attention(), dense_layers=config.dense_layers):
+    from .plan import prefill_pairs
+
+    with use(model, config.attention(), dense_layers=config.dense_layers) as states:
         logits = model(ids, use_cache=False, logits_to_keep=last + 1).logits
+        counted = prefill_pairs(states)
+    if pairs is not None and counted is not None:
+        pairs.update(counted)
     return token_nll(logits, ids, last)
 
 
@@ -105,10 +114,12 @@ def run_perplexity(model, tok, configs: Sequence[Config], out: Path, *, length: 
     windows = text_windows(tok, [t for t, _ in todo], length)
     for name, c in todo:
         t0 = time.perf_counter()
-        nll = window_nll(model, windows[name].to(device), c, last).cpu()
+        pairs: dict = {}
+        nll = window_nll(model, windows[name].to(device), c, last, pairs=pairs).cpu()
         secs = time.perf_counter() - t0
         rows.append(dict(text=name, config=c.label, spec=c.spec or "sdpa", tokens=last,
                          nll=float(nll.mean()), ppl=math.exp(float(nll.mean())), seconds=round(secs, 2),
+                         **({"pairs": pairs} if pairs else {}),
                          nll_tokens=[round(float(x), 4) for x in nll]))
         path.write_text(json.dumps(result))
         if bar is not None:

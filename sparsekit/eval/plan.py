@@ -3,7 +3,9 @@
 :func:`sparsekit.hf.use` runs a spec on every attention layer except the layers the model itself
 defines as sliding-window (Gemma 3's local layers: the attention module has a truthy
 ``sliding_window``), which keep the model's own window, and the ``dense_layers`` it is given.
-:func:`layer_plan` reports that split before a run; :func:`ranges` formats layer lists.
+:func:`layer_plan` reports that split before a run; :func:`ranges` formats layer lists;
+:func:`prefill_pairs` sums the attended pairs the sparse layers counted during a prefill (the measured
+density, also for backends whose pattern depends on the data).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["LayerPlan", "layer_plan", "ranges"]
+__all__ = ["LayerPlan", "layer_plan", "ranges", "prefill_pairs"]
 
 
 def ranges(layers: Sequence[int]) -> str:
@@ -86,3 +88,21 @@ def layer_plan(model, dense_layers: Iterable[int] = ()) -> LayerPlan:
     sparse = tuple(i for i in idx if i not in sliding and i not in dense)
     sizes = [w for w in windows.values() if isinstance(w, int) and w > 0]
     return LayerPlan(len(idx), sparse, sliding, dense, max(sizes) if sizes else None)
+
+
+def prefill_pairs(states) -> Optional[dict]:
+    """Pairs counted by the layers of a :func:`sparsekit.hf.use` block so far, summed over its layers.
+
+    ``states``: the ``{layer_idx: LayerState}`` the block yields. Returns
+    ``{"backend": ..., "corrector": ..., "dense": ...}`` (per batch item and query head, summed over the
+    layers that ran the spec and their calls; ``dense`` = causal pairs of the same rows), so
+    ``(backend + corrector) / dense`` is the density per layer that runs the config, or None when no layer
+    ran a sparse call (dense SDPA).
+    """
+    tot = {"backend": 0.0, "corrector": 0.0, "dense": 0}
+    for st in states.values():
+        for key in tot:
+            tot[key] += st.pairs[key]
+    if not tot["dense"]:
+        return None
+    return {"backend": float(tot["backend"]), "corrector": float(tot["corrector"]), "dense": int(tot["dense"])}

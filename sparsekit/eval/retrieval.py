@@ -54,16 +54,19 @@ def answer_sample(model, tok, sample: Sample, config: Config, device) -> list:
     """Run one sample under one config; returns one record per question."""
     from sparsekit.hf import use
 
+    from .plan import prefill_pairs
+
     ids = tok(sample.text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     n_ctx = ids.shape[1]
     records = []
-    with use(model, config.attention(), dense_layers=config.dense_layers):
+    with use(model, config.attention(), dense_layers=config.dense_layers) as states:
         t0 = time.perf_counter()
         out = model(ids.to(device), use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
         if out.logits.is_cuda:
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
+        pairs = prefill_pairs(states)  # the context's prefill only (the questions' chunks come after)
         for qi, q in enumerate(sample.questions):
             t1 = time.perf_counter()
             q_ids = tok("Question: " + q.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -85,6 +88,7 @@ def answer_sample(model, tok, sample: Sample, config: Config, device) -> list:
                     correct=bool(score(q, text)),
                     prefill_s=round(prefill_s, 3),
                     answer_s=round(time.perf_counter() - t1, 3),
+                    **({"pairs": pairs} if pairs else {}),
                 )
             )
     return records

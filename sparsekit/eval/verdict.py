@@ -15,9 +15,10 @@ from a paired bootstrap over blocks of :data:`TOKEN_BLOCK` consecutive tokens. A
 "worse" or "better" only when its interval excludes no difference (and, for accuracy, the exact sign
 test of the paired wins/losses rejects a tie at 5%); otherwise it is within noise.
 
-Attention density and the corrector's extra compute come from :meth:`sparsekit.SparseAttention.cost`
-at the measured length (``corrector_pairs / dense_pairs``); backends whose pattern depends on the data
-have no static cost and are reported as unknown.
+Attention density and the corrector's extra compute are the pairs the prefills attended, counted by
+:mod:`sparsekit.hf` (``LayerState.pairs``) and stored with the results (``pairs``), summed over the
+prefills; for results stored without them, :meth:`sparsekit.SparseAttention.cost` at the measured length
+(``corrector_pairs / dense_pairs``), unknown for backends whose pattern depends on the data.
 
 Entry points: :func:`build_verdict` (markdown from a results folder) and :func:`write_verdict`
 (``verdict.md``); :func:`retrieval_measurements`, :func:`perplexity_measurement` and
@@ -46,6 +47,7 @@ __all__ = [
     "split_spec",
     "references",
     "attention_cost",
+    "measured_cost",
     "retrieval_measurements",
     "perplexity_measurement",
     "verdict_markdown",
@@ -176,6 +178,17 @@ def is_control(corrector: Optional[str]) -> bool:
         return False
 
 
+def _canonical_backend(backend: str) -> str:
+    """The backend spec with every option spelt out (``hip(sink=16,k=192)`` and ``hip(k=192,sink=16)`` are one
+    backend); the spec as written when it does not build here (e.g. a plug-in that is not installed)."""
+    from sparsekit.spec import build
+
+    try:
+        return str(build("backend", backend))
+    except Exception:
+        return backend
+
+
 def _gamma(corrector: Optional[str]) -> Optional[str]:
     m = re.search(r"gamma=(\d+)", corrector or "")
     return m.group(1) if m else None
@@ -189,6 +202,8 @@ def references(configs: list) -> dict:
     The dense reference is the config with spec None/``"sdpa"`` (labelled ``dense`` if several).
     """
     parsed = {label: split_spec(spec) for label, spec in configs}
+    canon = {b: _canonical_backend(b) for b, _ in parsed.values() if b is not None}
+    parsed = {label: (canon.get(b), c) for label, (b, c) in parsed.items()}
     dense = [label for label, (b, _) in parsed.items() if b is None]
     dense_ref = "dense" if "dense" in dense else (dense[0] if dense else None)
     out = {}
@@ -210,6 +225,22 @@ def references(configs: list) -> dict:
                     refs["tail"] = (same_gamma or tails)[0]
         out[label] = refs
     return out
+
+
+def measured_cost(pairs: list) -> Optional[tuple]:
+    """``(density, backend share, corrector share)`` from the pair counts measured during prefills.
+
+    ``pairs``: ``{"backend", "corrector", "dense"}`` dicts (one per prefill, as ``sparsekit eval``
+    stores them from :func:`sparsekit.eval.plan.prefill_pairs`); summed before dividing, so longer
+    prefills weigh more. None when there is none.
+    """
+    pairs = [p for p in pairs if p and p.get("dense")]
+    if not pairs:
+        return None
+    b = sum(float(p["backend"]) for p in pairs)
+    c = sum(float(p["corrector"]) for p in pairs)
+    d = sum(float(p["dense"]) for p in pairs)
+    return ((b + c) / d, b / d, c / d)
 
 
 def attention_cost(spec: Optional[str], n: int) -> Optional[tuple]:
@@ -265,10 +296,14 @@ def retrieval_measurements(records: list, *, order: Optional[list] = None, n_boo
             scores[r["config"]][(r["sample"], r.get("context", ""), r["q"])] = bool(r["correct"])
         refs = references([(c, spec[c]) for c in labels])
         n_ctx = int(statistics.median(r["n_tokens"] for r in recL))
+        prefills: dict = {}  # the context prefill's pairs, once per (config, sample, context)
+        for r in recL:
+            prefills.setdefault(r["config"], {}).setdefault((r["sample"], r.get("context", "")), r.get("pairs"))
         rows = []
         for c in labels:
             k, n = sum(scores[c].values()), len(scores[c])
-            row = Row(c, spec[c], k / n, f"{k}/{n}", attention_cost(spec[c], n_ctx))
+            cost = measured_cost(list(prefills.get(c, {}).values())) or attention_cost(spec[c], n_ctx)
+            row = Row(c, spec[c], k / n, f"{k}/{n}", cost)
             for role, ref in refs[c].items():
                 row.comparisons[role] = _compare_acc(role, ref, scores[c], scores[ref], n_boot=n_boot, seed=seed)
             rows.append(row)
@@ -315,7 +350,10 @@ def perplexity_measurement(ppl: dict, *, block: int = TOKEN_BLOCK, n_boot: int =
     length = int(ppl.get("length", 0))
     rows = []
     for c in labels:
-        row = Row(c, spec[c], value[c], "", attention_cost(spec[c], length) if length else None)
+        cost = measured_cost([by[(t, c)].get("pairs") for t in texts])
+        if cost is None and length:
+            cost = attention_cost(spec[c], length)
+        row = Row(c, spec[c], value[c], "", cost)
         for role, ref in refs[c].items():
             if nll[c] is not None and nll[ref] is not None and len(nll[c]) == len(nll[ref]) == len(clusters):
                 iv = perplexity_ratio(nll[c], nll[ref], clusters=clusters, n_boot=n_boot, seed=seed)
@@ -365,6 +403,46 @@ def _table(m: Measurement) -> list:
         val = f"{100 * r.value:.0f}% ({r.detail})" if m.kind == "retrieval" else f"{r.value:.3f}"
         cells = [_cell(r.comparisons.get(role)) for role in ("dense", "tail", "plain")]
         lines.append(f"| {r.label} | {dens} | {corr} | {val} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _grid_table(m: Measurement) -> list:
+    """The same measurement as a backend x corrector grid (rows: backends, columns: no correction, then each
+    corrector spec in order of appearance; cells: value and density), when the configs span at least two
+    backends; ``[]`` otherwise. The dense reference is stated above the grid."""
+    backends: dict = {}  # canonical backend -> {corrector spec or None: row}
+    shown: dict = {}  # canonical backend -> the spec as first written
+    columns: list = []
+    for r in m.rows:
+        b, c = split_spec(r.spec)
+        if b is None:
+            continue
+        key = _canonical_backend(b)
+        shown.setdefault(key, b)
+        backends.setdefault(key, {})[c] = r
+        if c is not None and c not in columns:
+            columns.append(c)
+    if len(backends) < 2:
+        return []
+
+    def cell(r: Optional[Row]) -> str:
+        if r is None:
+            return ""
+        val = f"{100 * r.value:.0f}%" if m.kind == "retrieval" else f"{r.value:.3f}"
+        return val + ("" if r.cost is None else f" ({_pct(r.cost[0])})")
+
+    dense = next((r for r in m.rows if split_spec(r.spec)[0] is None), None)
+    head = "accuracy" if m.kind == "retrieval" else "perplexity"
+    lines = [f"{head.capitalize()} {m.where} by backend and corrector (density in brackets)"
+             + (f"; dense: {cell(dense)}" if dense is not None else "") + ":", "",
+             "| backend | no correction | " + " | ".join(f"`{c}`" for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for key, by_corr in backends.items():
+        b = shown[key]
+        plain = by_corr.get(None)
+        name = plain.label if plain is not None else b.split("(")[0]
+        lines.append(f"| {name} (`{b}`) | {cell(plain)} | " + " | ".join(cell(by_corr.get(c)) for c in columns) + " |")
     lines.append("")
     return lines
 
@@ -423,7 +501,7 @@ def _bottom_line(label: str, corrector: Optional[str], found: dict, cost_of: dic
     if tail:
         cheaper = ""
         mine, ctrl = cost_of.get(label), cost_of.get("tail")
-        if mine and ctrl and ctrl[0] < mine[0]:
+        if mine and ctrl and ctrl[0] < mine[0] and _pct(ctrl[0]) != _pct(mine[0]):  # a difference that shows
             cheaper = f", which costs less (density {_pct(ctrl[0])} vs {_pct(mine[0])})"
         return f"No measurable gain over the tail-only control{cheaper}."
     if "better" in plain:
@@ -460,6 +538,7 @@ def verdict_markdown(measurements: list, meta: Optional[dict] = None) -> str:
     ]
     for m in measurements:
         lines += _table(m)
+        lines += _grid_table(m)
     lines += ["## Per config", ""]
     labels = list(dict.fromkeys(r.label for m in measurements for r in m.rows))
     for label in labels:

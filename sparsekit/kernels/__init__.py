@@ -16,6 +16,10 @@ name               family      runs
 ``reference``      torch       any pattern, any device (the CPU path and the ground truth)
 =================  ==========  ==================================================================
 
+Two corrector passes live here too, outside dispatch: Δ's fused application (``triton_delta``, through
+:func:`delta_apply`) and meancorr's mean correction (``triton_meancorr``); each falls back to torch when
+a ``use(...)`` restriction leaves out the ``triton`` family.
+
 ``sparsekit.kernels.use("triton")`` restricts dispatch inside a ``with`` block;
 ``SparseAttention.explain(q, k)`` says which implementation runs each step and why the others not.
 """
