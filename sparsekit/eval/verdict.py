@@ -433,8 +433,8 @@ def _grid_table(m: Measurement) -> list:
         return val + ("" if r.cost is None else f" ({_pct(r.cost[0])})")
 
     dense = next((r for r in m.rows if split_spec(r.spec)[0] is None), None)
-    head = "accuracy" if m.kind == "retrieval" else "perplexity"
-    lines = [f"{head.capitalize()} {m.where} by backend and corrector (density in brackets)"
+    head = f"Accuracy {m.where}" if m.kind == "retrieval" else "Perplexity"
+    lines = [f"{head} by backend and corrector (density in brackets)"
              + (f"; dense: {cell(dense)}" if dense is not None else "") + ":", "",
              "| backend | no correction | " + " | ".join(f"`{c}`" for c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
