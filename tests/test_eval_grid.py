@@ -249,3 +249,44 @@ def test_fidelity_report_of_a_grid(tmp_path):
                                                             meta={}, layers=[0, 1], configs=configs)))
     md = build_report(tmp_path).read_text()
     assert "Per layer: output cosine (9 configs" in md and "| ρ s |" not in md
+
+
+def test_shared_pattern_leaves_the_backend_as_it_was():
+    """The fidelity probe hands a backend's pattern to its configs; the backend is untouched afterwards;
+    a backend without instance attributes computes its own."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import torch
+
+    from sparsekit import Backend, Pattern, SparseAttention
+    from sparsekit.eval.fidelity import _fixed_pattern
+
+    a = SparseAttention.from_string("streaming(window=8,sink=2)")
+    q = k = torch.randn(1, 2, 40, 8)
+    pat = a.backend.pattern(q, k, scale=0.3, q_offset=0)
+    with _fixed_pattern(a.backend, "sentinel"):
+        assert a.backend.pattern(q, k, scale=0.3, q_offset=0) == "sentinel"
+    assert "pattern" not in vars(a.backend) and a.backend.pattern(q, k, scale=0.3, q_offset=0).nq == pat.nq
+
+    @dataclass(frozen=True)
+    class Frozen(Backend):
+        name: ClassVar[str] = "frozen_test"
+
+        def pattern(self, q, k, *, scale, q_offset):
+            return Pattern.causal(q, k, q_offset=q_offset)
+
+    fb = Frozen()  # a frozen dataclass takes the shared pattern too, and gives it back
+    with _fixed_pattern(fb, "sentinel"):
+        assert fb.pattern(q, k, scale=0.3, q_offset=0) == "sentinel"
+    assert isinstance(fb.pattern(q, k, scale=0.3, q_offset=0), Pattern)
+
+    class Slotted:  # no instance attributes at all: it keeps computing its own pattern
+        __slots__ = ()
+
+        def pattern(self, q, k, *, scale, q_offset):
+            return "own"
+
+    sb = Slotted()
+    with _fixed_pattern(sb, "sentinel"):
+        assert sb.pattern(q, k, scale=0.3, q_offset=0) == "own"

@@ -191,12 +191,20 @@ def _pattern_rows(pat, rows):
 
 @contextlib.contextmanager
 def _fixed_pattern(backend, pattern):
-    """Inside the block ``backend.pattern(...)`` returns ``pattern`` (computed on the same q, k before)."""
-    backend.pattern = lambda *a, **kw: pattern  # an instance attribute shadows the method
+    """Inside the block ``backend.pattern(...)`` returns ``pattern`` (computed on the same q, k before).
+
+    An instance attribute shadows the method (set with ``object.__setattr__``, so frozen dataclasses take it
+    too); a backend that takes no instance attribute (``__slots__``) keeps computing its own pattern (the
+    same one, only slower)."""
+    try:
+        object.__setattr__(backend, "pattern", lambda *a, **kw: pattern)
+    except (AttributeError, TypeError):
+        yield
+        return
     try:
         yield
     finally:
-        del backend.pattern
+        object.__delattr__(backend, "pattern")
 
 
 @torch.no_grad()
@@ -275,14 +283,14 @@ def run_fidelity(model, tok, configs: Sequence[Config], out: Path, *, length: in
                 A_e = A_d
                 density = 1.0
             else:
-                key = str(attn.backend)
-                if key not in patterns:
-                    patterns[key] = attn.backend.pattern(q, k, scale=scale, q_offset=0)
-                with _fixed_pattern(attn.backend, patterns[key]):
+                bkey = str(attn.backend)
+                if bkey not in patterns:
+                    patterns[bkey] = attn.backend.pattern(q, k, scale=scale, q_offset=0)
+                with _fixed_pattern(attn.backend, patterns[bkey]):
                     plan = attn.plan(q, k, scale=scale, q_offset=0)
                 o = attn.run(plan, q, k, v).out[:, :, probe]
                 density = float(plan.cost().density)
-                A_e = effective_rows(attn, q, k, scale=scale, rows=probe, pattern=patterns[key], mix_cache=mixes)
+                A_e = effective_rows(attn, q, k, scale=scale, rows=probe, pattern=patterns[bkey], mix_cache=mixes)
             cos = torch.nn.functional.cosine_similarity(o.double(), out_d, dim=-1).flatten()
             st = result["configs"][c.label]
             st["density"].append(density)
