@@ -15,6 +15,8 @@
 #   bttests   pytest -m gpu of block_threshold's scorer and meancorr's kernel
 #   btprobe   block_threshold variants at 4K-1M (probe 1 of bench/results/h200/block_threshold/probes)
 #   probe2    block_threshold forced sparse at 16K-64K, meancorr's cost at 128K (probe 2)
+#   probe13   streaming + Δ piece by piece at 128K and 1M (bench/probe_streaming.py), fa3_rows / Δ GPU tests
+#   s13       issue 13's table: streaming(2048, 1024) alone and + Δ(γ=64) at 32K-1M, fa3 in the same run ($RUN names it)
 #   bt12      issue 12's table: block_threshold alone / + Δ / + meancorr at 4K-128K and alone / + Δ at 1M
 set -u
 OUT=${OUT:?set OUT}
@@ -73,6 +75,16 @@ for stage in "$@"; do
       $SK bench --n 1M --specs block_threshold --inputs structured $COMMON --correctors "none,delta(gamma=64)" \
         --baselines fa3 --pieces --large-n 512K --large-reps 3 --out "$OUT/bt12_1m" > /dev/null 2> "$OUT/bt12_1m_log.txt"
       for f in "$OUT/bt12/bench.md" "$OUT/bt12_1m/bench.md"; do grep -E "^\| (FlashInfer|block|dense)" "$f" | cut -c1-300; done ;;
+    probe13)
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu.py ${GPU_K:+-k "$GPU_K"} > "$OUT/gpu_probe13_tests.txt" 2>&1
+      tail -4 "$OUT/gpu_probe13_tests.txt"
+      python3 bench/probe_streaming.py --n "${PROBE_N:-128K,1M}" --out "$OUT/probe13" 2>&1 | tee "$OUT/probe13_log.txt" | cut -c1-300 ;;
+    s13)
+      R=${RUN:-1}
+      $SK bench --n 32K,128K,512K,1M --specs "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
+        --correctors "none,delta(gamma=64)" --baselines fa3 --pieces --reps 7 --large-n 512K --large-reps 3 \
+        --out "$OUT/s13_run$R" > /dev/null 2> "$OUT/s13_run${R}_log.txt"
+      grep -E "^\| (FlashInfer|stream)" "$OUT/s13_run$R/bench.md" | cut -c1-330 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

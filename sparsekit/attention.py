@@ -251,8 +251,8 @@ class SparseAttention:
                 plan.choice = choose(pat, q, k, scale=scale, impl=impl)
                 clock(plan.timings, "prepare sparse")
         if rows is not None:
-            idx = rows.dense_rows(q.device)
-            plan.row_index = idx
+            idx = rows.dense_rows()  # on the CPU: checked and planned there, copied to the device once
+            plan.row_index = idx.to(q.device)
             if idx.numel():
                 shape_only = q[:, :, :1].expand(B, Hq, idx.numel(), D)
                 plan.dense = Pattern.gathered(shape_only, k, positions=idx + q_offset)

@@ -158,11 +158,14 @@ class Pattern:
             p = self.positions
             if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() != self.nq:
                 raise PatternError(f"Pattern: positions must be a 1-D tensor of nq={self.nq} ints")
-            self.positions = p.to(device=self.device, dtype=torch.int64)
-            if self.nq and (int(self.positions[0]) < 0 or int(self.positions[-1]) >= self.nk):
+            p = p.to(dtype=torch.int64)  # checked where it was given (no device round trip for CPU positions)
+            if self.nq and (int(p[0]) < 0 or int(p[-1]) >= self.nk):
                 raise PatternError(f"Pattern: positions must lie in [0, nk={self.nk})")
-            if self.nq > 1 and bool((self.positions[1:] < self.positions[:-1]).any()):
+            if self.nq > 1 and bool((p[1:] < p[:-1]).any()):
                 raise PatternError("Pattern: positions must ascend")
+            if p.device.type == "cpu":
+                self._cache["positions_cpu"] = p
+            self.positions = p.to(device=self.device)
             if self.block_shift:
                 raise PatternError("Pattern: block_shift applies to contiguous rows only")
         elif self.q_offset + self.nq > self.nk:
@@ -308,6 +311,15 @@ class Pattern:
     @property
     def gathered_rows(self) -> bool:
         return self.positions is not None
+
+    def positions_cpu(self) -> Optional[torch.Tensor]:
+        """``positions`` on the CPU (kept from construction when given there; else copied once), or None."""
+        if self.positions is None:
+            return None
+        p = self._cache.get("positions_cpu")
+        if p is None:
+            p = self._cache["positions_cpu"] = self.positions.cpu()
+        return p
 
     def row_positions(self) -> torch.Tensor:
         """(nq,) int64 absolute position of every row."""

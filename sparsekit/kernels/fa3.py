@@ -7,11 +7,13 @@ Every lse FlashInfer returns is base 2; it is converted to natural log here and 
   fa3 with ``window_left = window - 1`` over a key slice, whose sink part (non-causal over
   ``[0, sink)``, in row chunks) is merged in place with ``merge_state_in_place``;
 * ``fa3_rows`` (:class:`RowsFA3`), gathered rows each over its whole causal prefix (a corrector's
-  anchors and tail): consecutive rows are grouped into requests of up to 128 rows (FA3's query
-  tile); each request attends keys ``[0, p0]`` of its first row non-causally through
-  ``BatchPrefillWithPagedKVCacheWrapper`` whose page tables all point into the one K/V tensor (no
-  copy, no head expansion); the small remainder ``(p0, pos[r]]`` runs in the Triton band kernel and
-  is merged through the lse. Plans are cached per row set;
+  anchors and tail): the query heads of each KV head are packed into the rows (a 128-row FA3 tile
+  holds ``128 / group`` gathered rows with all their heads), consecutive rows form one request,
+  and each request attends keys ``[0, p0]`` (its smallest position) non-causally in one
+  ``BatchPrefillWithRaggedKVCacheWrapper`` launch planned with a key range per request, reading
+  K/V in place through TMA (no copy, no head expansion); the small remainder ``(p0, pos[r]]`` runs
+  in the Triton band kernel on a second stream meanwhile and is merged through the lse. Plans are
+  cached per row set;
 * ``fa3_paged`` (:class:`PagedFA3`), block patterns (any backend's block lists and columns, no band
   rule inside blocks): one paged-prefill request per (unit, query block) whose pages are the listed
   key blocks, ascending, the diagonal page last: ``causal=True`` aligns bottom-right inside the
@@ -34,16 +36,17 @@ import torch
 
 from typing import ClassVar
 
-from ..contract import AttentionResult, merge
+from ..contract import AttentionResult
 from ..executor import Implementation, Refused, has_module
 from ..pattern import _ranges
 
-__all__ = ["available", "ready", "dense", "streaming", "rows", "ROWS_PER_REQUEST", "BandFA3", "RowsFA3", "PagedFA3",
+__all__ = ["available", "ready", "dense", "streaming", "rows", "rows_per_request", "ragged_requests", "BandFA3", "RowsFA3", "PagedFA3",
            "paged_requests"]
 
 LN2 = math.log(2.0)
-ROWS_PER_REQUEST = 128
-_SINK_CHUNK = 1 << 16  # rows per sink-merge chunk (bounds the temporary)
+# rows per sink-merge chunk: Nq / 16 within these bounds, so the temporary stays near 2.5% of dense
+# attention's own memory (q, k, v, out): 64K rows made streaming + delta 10.3% heavier than fa3 at 512K
+_SINK_CHUNK = (1 << 13, 1 << 16)
 
 
 def _fi():
@@ -146,12 +149,18 @@ def dense(q, k, v, *, scale: float, q_offset: int, out=None) -> AttentionResult:
 
 
 def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, out=None) -> AttentionResult:
-    """Sink + window attention (``backends/streaming.py`` semantics) through fa3."""
+    """Sink + window attention (``backends/streaming.py`` semantics) through fa3.
+
+    Rows whose window reaches the sinks run dense causal; the others run fa3 with ``window_left``
+    over a key slice (one launch), then their sink keys as a non-causal pass merged in place through
+    the lse, in chunks of rows (a bounded temporary: ``Nq / 16`` rows, 8K to 64K).
+    """
     fi = _fi()
     B, Hq, Nq, D = q.shape
     hi = q_offset + Nq
     n_a = max(0, min(Nq, sink + window - q_offset))  # rows whose window reaches the sinks: dense
     o, l2 = _buffers(q, out)
+    chunk = min(max(Nq // 16, _SINK_CHUNK[0]), _SINK_CHUNK[1])
     for b in range(B):
         qb = q[b].transpose(0, 1)  # [Nq, Hq, D]
         kb, vb = k[b].transpose(0, 1), v[b].transpose(0, 1)  # [Nk, Hkv, D]
@@ -166,8 +175,8 @@ def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, o
         if sink == 0:
             continue
         ks, vs = kb[:sink], vb[:sink]
-        for c0 in range(n_a, Nq, _SINK_CHUNK):
-            c1 = min(Nq, c0 + _SINK_CHUNK)
+        for c0 in range(n_a, Nq, chunk):
+            c1 = min(Nq, c0 + chunk)
             os_ = torch.empty(c1 - c0, Hq, D, dtype=q.dtype, device=q.device)
             ls_ = torch.empty(c1 - c0, Hq, dtype=torch.float32, device=q.device)
             _single(qb[c0:c1], ks, vs, os_, ls_, scale=scale, causal=False)
@@ -175,61 +184,18 @@ def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, o
     return _result(o, l2, out)
 
 
-# ---------------------------------------------------------------- rows (paged batch prefill)
-_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
+# ---------------------------------------------------------------- rows (ragged batch prefill)
+_PLANS: "OrderedDict[tuple, dict]" = OrderedDict()
 _WORKSPACE: dict = {}
+_WORKSPACE_BYTES = 16 * 1024 * 1024  # fa3 batch prefill splits no kv: its float workspace stays unused
+_SIDE: dict = {}
+TILE_Q = 128  # FA3's query tile (head_dim 128)
 
 
-def _page_size(nk: int) -> int:
-    for p in (64, 32, 16, 8, 4, 2, 1):
-        if nk % p == 0:
-            return p
-    return 1
-
-
-def rows_plan(positions: torch.Tensor, *, B: int, Hq: int, Hkv: int, D: int, Nk: int, dtype, device, scale: float):
-    """Build (or fetch from the cache) the paged fa3 plan for these row positions."""
-    fi = _fi()
-    pos_cpu = positions.detach().to("cpu", torch.int64)
-    P = _page_size(Nk)
-    key = (pos_cpu.numpy().tobytes(), B, Hq, Hkv, D, Nk, dtype, str(device), float(scale), P)
-    hit = _PLANS.get(key)
-    if hit is not None:
-        _PLANS.move_to_end(key)
-        return hit
-    starts, q_len, p0 = request_split(pos_cpu, ROWS_PER_REQUEST)
-    n_req = starts.numel()
-    kv_len = p0 + 1
-    npages = (kv_len + P - 1) // P
-    last = kv_len - (npages - 1) * P
-    pages_per_batch = Hkv * Nk // P
-    qo_indptr = torch.zeros(B * n_req + 1, dtype=torch.int64)
-    qo_indptr[1:] = torch.cumsum(q_len.repeat(B), 0)
-    np_all = npages.repeat(B)
-    kv_indptr = torch.zeros(B * n_req + 1, dtype=torch.int64)
-    kv_indptr[1:] = torch.cumsum(np_all, 0)
-    total = int(kv_indptr[-1])
-    dev = torch.device(device)
-    np_dev = np_all.to(dev)
-    base = (torch.arange(B).repeat_interleave(n_req) * pages_per_batch).to(dev)
-    req_of_page = torch.repeat_interleave(torch.arange(B * n_req, device=dev), np_dev, output_size=total)
-    first_slot = kv_indptr[:-1].to(dev)
-    indices = (torch.arange(total, device=dev) - first_slot[req_of_page] + base[req_of_page]).to(torch.int32)
-    ws = _WORKSPACE.get(dev)
-    if ws is None:
-        ws = _WORKSPACE[dev] = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
-    wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(ws, kv_layout="HND", backend="fa3")
-    wrapper.plan(
-        qo_indptr.to(torch.int32).to(dev), kv_indptr.to(torch.int32).to(dev), indices,
-        last.repeat(B).to(torch.int32).to(dev), Hq, Hkv, D, P,
-        causal=False, sm_scale=float(scale), q_data_type=dtype, kv_data_type=dtype,
-    )
-    lo = torch.repeat_interleave(p0 + 1, q_len).to(dev)  # triangle: keys (p0, pos]
-    plan = (wrapper, P, indices, lo)
-    _PLANS[key] = plan
-    while len(_PLANS) > 4:
-        _PLANS.popitem(last=False)
-    return plan
+def rows_per_request(group: int) -> int:
+    """Gathered rows per request: with the ``group`` query heads of a KV head packed into the rows,
+    one request fills one 128-row FA3 tile."""
+    return max(1, TILE_Q // group)
 
 
 def request_split(pos: torch.Tensor, G: int):
@@ -245,31 +211,125 @@ def request_split(pos: torch.Tensor, G: int):
     return starts, q_len, p0
 
 
-def _pages(t: torch.Tensor, P: int) -> torch.Tensor:
-    """(B, Hkv, Nk, D) contiguous -> pages (n_pages, Hkv, P, D) over the same storage."""
-    B, Hkv, Nk, D = t.shape
-    n_pages = ((B - 1) * Hkv * Nk + Nk) // P
-    return torch.as_strided(t, (n_pages, Hkv, P, D), (P * D, Nk * D, D, 1), t.storage_offset())
+def ragged_requests(positions: torch.Tensor, *, group: int) -> dict:
+    """The request arrays of ``fa3_rows`` for gathered rows at ``positions`` (pure torch, CPU; tested there).
+
+    Rows are packed with their KV group: packed row ``r * group + g`` is query head ``kv * group + g``
+    of gathered row r, so the kernel runs ``B * Hkv`` heads with a group of one. Requests hold
+    :func:`rows_per_request` consecutive gathered rows; request i attends keys ``[0, p0_i]``
+    non-causally (``p0_i`` its smallest position). Returns int32 ``qo_indptr`` (packed rows),
+    ``kv_start``, ``kv_len``; int64 ``p0`` per request and ``lo`` per gathered row (``p0 + 1``: the
+    first key of the row's remainder ``(p0, pos]``, which the Triton kernel computes).
+    """
+    pos = positions.detach().to("cpu", torch.int64)
+    G = rows_per_request(group)
+    starts, q_len, p0 = request_split(pos, G)
+    qo = torch.zeros(starts.numel() + 1, dtype=torch.int64)
+    qo[1:] = torch.cumsum(q_len * group, 0)
+    return dict(qo_indptr=qo.to(torch.int32), kv_start=torch.zeros(starts.numel(), dtype=torch.int32),
+                kv_len=(p0 + 1).to(torch.int32), p0=p0, lo=torch.repeat_interleave(p0 + 1, q_len))
+
+
+def _ragged_wrapper(fi, dev, ix, heads: int, D: int, dtype, scale: float):
+    """A fa3 ragged batch-prefill wrapper planned for requests with their own key ranges.
+
+    The public ``plan()`` reads each request's keys as consecutive slices of one tensor (``kv_indptr``);
+    here every request starts at key 0, so the plan is made again through the module's ``plan`` with
+    explicit starts and lengths (the SM90 scheduler takes them apart; the kernel reads only the plan).
+    Raises :class:`Refused` when this FlashInfer build does not expose that call.
+    """
+    ws = _WORKSPACE.get(dev)
+    if ws is None:
+        ws = _WORKSPACE[dev] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout="NHD", backend="fa3")
+    qo = ix["qo_indptr"]
+    fake = torch.zeros_like(qo)
+    fake[1:] = torch.cumsum(ix["kv_len"], 0)
+    try:
+        w.plan(qo, fake, heads, heads, D, causal=False, sm_scale=float(scale), q_data_type=dtype, kv_data_type=dtype)
+        w._plan_info = w._cached_module.plan(
+            w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
+            qo, ix["kv_start"], ix["kv_len"], int(qo[-1]), int(qo.numel() - 1), heads, heads, 1, False, D, D,
+            False, -1,
+        )
+    except (AttributeError, TypeError, RuntimeError) as exc:
+        raise Refused(f"this FlashInfer's ragged fa3 plan cannot take per-request key ranges ({exc})") from exc
+    return w
+
+
+def rows_plan(positions: torch.Tensor, *, B: int, Hq: int, Hkv: int, D: int, Nk: int, dtype, device, scale: float):
+    """Build (or fetch from the cache) the ragged fa3 plan for gathered rows at these positions."""
+    fi = _fi()
+    pos_cpu = positions.detach().to("cpu", torch.int64)
+    key = (pos_cpu.numpy().tobytes(), B, Hq, Hkv, D, Nk, dtype, str(device), float(scale))
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
+    group = Hq // Hkv
+    ix = ragged_requests(pos_cpu, group=group)
+    dev = torch.device(device)
+    wrapper = _ragged_wrapper(fi, dev, ix, B * Hkv, D, dtype, scale)
+    plan = dict(wrapper=wrapper, group=group,
+                pos=pos_cpu.repeat_interleave(group).to(dev), lo=ix["lo"].repeat_interleave(group).to(dev),
+                tri=bool((ix["lo"] <= pos_cpu).any()))
+    _PLANS[key] = plan
+    while len(_PLANS) > 4:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _side_stream(dev):
+    s = _SIDE.get(dev)
+    if s is None:
+        s = _SIDE[dev] = torch.cuda.Stream(device=dev)
+    return s
 
 
 def rows(q_rows, k, v, *, positions: torch.Tensor, scale: float, plan=None) -> AttentionResult:
-    """Key-dense rows: q_rows (B, Hq, R, D), row r over keys ``0..positions[r]``; k/v contiguous."""
+    """Key-dense rows: q_rows (B, Hq, R, D), row r over keys ``0..positions[r]``; k/v contiguous.
+
+    One fa3 ragged launch computes each request's keys ``[0, p0]`` (non-causal, K/V read in place as
+    ``[Nk, B*Hkv, D]``); the remainder ``(p0, pos]`` of each row (fewer than ``rows_per_request`` x
+    the rows' spacing keys) runs in the Triton band kernel on a second stream at the same time; the
+    two are merged in place through the lse.
+    """
     from .triton_band import interval_attention
 
+    fi = _fi()
     B, Hq, R, D = q_rows.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if plan is None:
         plan = rows_plan(positions, B=B, Hq=Hq, Hkv=Hkv, D=D, Nk=Nk, dtype=q_rows.dtype,
                          device=q_rows.device, scale=scale)
-    wrapper, P, _, lo = plan
-    q_nhd = q_rows.transpose(1, 2).reshape(B * R, Hq, D)
-    o_main, l_main = wrapper.run(q_nhd, (_pages(k, P), _pages(v, P)), return_lse=True)
-    main = AttentionResult(
-        o_main.view(B, R, Hq, D).transpose(1, 2),
-        (l_main.view(B, R, Hq) * LN2).transpose(1, 2),
-    )
-    o_t, l_t = interval_attention(q_rows, k, v, scale=scale, positions=positions, lo=lo)
-    return merge(main, AttentionResult(o_t, l_t))
+    G, H = plan["group"], B * Hkv
+    # packed rows: [R * G, B * Hkv, D], row r*G + g = query head kv*G + g of gathered row r
+    qp = q_rows.reshape(B, Hkv, G, R, D).permute(3, 2, 0, 1, 4).reshape(R * G, H, D)
+    k_nhd = k.reshape(H, Nk, D).transpose(0, 1)
+    v_nhd = v.reshape(H, Nk, D).transpose(0, 1)
+    o = torch.empty(R * G, H, D, dtype=q_rows.dtype, device=q_rows.device)
+    l2 = torch.empty(R * G, H, dtype=torch.float32, device=q_rows.device)
+    main_stream = torch.cuda.current_stream(q_rows.device)
+    side = None
+    if plan["tri"]:
+        o_t = torch.empty_like(o)
+        l_t = torch.empty(H, R * G, dtype=torch.float32, device=q_rows.device)
+        side = _side_stream(q_rows.device)
+        side.wait_stream(main_stream)
+    # the persistent fa3 launch first: the remainders then fill its tail on the second stream
+    plan["wrapper"].run(qp, k_nhd, v_nhd, out=o, lse=l2, return_lse=True)
+    if side is not None:
+        with torch.cuda.stream(side):
+            interval_attention(qp.permute(1, 0, 2).unsqueeze(0), k_nhd.permute(1, 0, 2).unsqueeze(0),
+                               v_nhd.permute(1, 0, 2).unsqueeze(0), scale=scale, positions=plan["pos"],
+                               lo=plan["lo"], out=o_t.permute(1, 0, 2).unsqueeze(0), lse=l_t.unsqueeze(0))
+        main_stream.wait_stream(side)
+        fi.merge_state_in_place(o, l2, o_t, (l_t.t() * (1.0 / LN2)).contiguous())
+        del o_t, l_t  # before the unpacking copy: the step's peak memory is a few row-sized buffers
+    del qp
+    out = o.view(R, G, B, Hkv, D).permute(2, 3, 1, 0, 4).reshape(B, Hq, R, D)
+    lse = (l2.view(R, G, B, Hkv).permute(2, 3, 1, 0) * LN2).reshape(B, Hq, R)
+    return AttentionResult(out, lse)
 
 
 # ---------------------------------------------------------------- paged block patterns
@@ -442,7 +502,7 @@ class BandFA3(Implementation):
 
 
 class RowsFA3(Implementation):
-    """Gathered rows over their whole causal prefix: paged fa3 requests + a Triton triangle."""
+    """Gathered rows over their whole causal prefix: one ragged fa3 launch + a Triton remainder."""
 
     name: ClassVar[str] = "fa3_rows"
     available_reason = staticmethod(_fa3_available)
@@ -458,7 +518,7 @@ class RowsFA3(Implementation):
         if why:
             return why
         if not k.is_contiguous():
-            return "k / v are not contiguous (the page tables point into their storage)"
+            return "k / v are not contiguous (read in place as [Nk, B*Hkv, D])"
         from .triton_band import triton_reason
 
         return triton_reason(q, k)
@@ -466,10 +526,12 @@ class RowsFA3(Implementation):
     def prepare(self, pattern, q, k, *, scale: float):
         if pattern.nq == 0:
             return None
-        return rows_plan(pattern.positions, B=pattern.batch, Hq=pattern.q_heads, Hkv=pattern.kv_heads,
+        return rows_plan(pattern.positions_cpu(), B=pattern.batch, Hq=pattern.q_heads, Hkv=pattern.kv_heads,
                          D=q.shape[-1], Nk=pattern.nk, dtype=q.dtype, device=q.device, scale=scale)
 
     def run(self, pattern, state, q, k, v, *, scale: float, out=None):
+        if pattern.nq == 0:
+            return AttentionResult(q.new_empty(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device))
         if not v.is_contiguous():
             v = v.contiguous()
         return rows(q, k, v, positions=pattern.positions, scale=scale, plan=state)
