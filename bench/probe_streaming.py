@@ -112,8 +112,20 @@ def main(argv=None):
         band = attn.backend.pattern(q, k, scale=s, q_offset=0).head(plan.pattern.nq)
         qb = q[:, :, :band.nq]
         bpairs = band.mean_pairs()
-        ms, ts = _ms(lambda: fa3.streaming(qb, k, v, scale=s, q_offset=0, window=2048, sink=1024), reps)
-        log(n=N, piece="sparse: fa3 streaming", ms=ms, all=ts, tflops=bpairs * flop / ms / 1e9)
+        outs = {}
+        for fused in (False, True):
+            fn = lambda: fa3.streaming(qb, k, v, scale=s, q_offset=0, window=2048, sink=1024, fused=fused)  # noqa
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            ms, ts = _ms(fn, reps)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            outs[fused] = fn()
+            log(n=N, piece=f"sparse: fa3 streaming, fused={fused}", ms=ms, all=ts, tflops=bpairs * flop / ms / 1e9,
+                transient_gib=peak)
+        log(n=N, piece="sparse: fused vs not, max |diff|",
+            out=float((outs[True].out.float() - outs[False].out.float()).abs().max()),
+            lse=float((outs[True].lse - outs[False].lse).abs().max()))
+        del outs
         w = fa3.streaming(q, k, v, scale=s, q_offset=0, window=2048, sink=0)
         ms, ts = _ms(lambda: fa3.streaming(q, k, v, scale=s, q_offset=0, window=2048, sink=0), reps)
         wp = sum(min(i + 1, 2048) for i in range(0, N, 1)) if N <= 4096 else (N - 2048) * 2048 + 2048 * 2049 // 2

@@ -245,3 +245,24 @@ def test_rows_over_many_requests():
             sub = Pattern.gathered(qr.index_select(2, pick), k, positions=rows[pick])
             ref = execute(sub, qr.index_select(2, pick).float(), k.float(), v.float(), scale=s, impl="reference")
             _close(f"rows {impl} R={rows.numel()}", (got.out.index_select(2, pick), got.lse.index_select(2, pick)), ref)
+
+
+@pytest.mark.parametrize("window,sink,q_offset", [(512, 64, 0), (512, 64, 333), (700, 1, 50)])
+def test_fa3_streaming_fused_sinks_and_window(window, sink, q_offset):
+    """fa3 streaming with ``fused=True`` (sinks and window in one call per chunk of ``window`` rows): several
+    full chunks, a short last chunk, chunked prefill and batch 2, against the reference of the same
+    pattern, as the default path is."""
+    from sparsekit import Pattern
+    from sparsekit.kernels import fa3
+
+    q, k, v = _inputs(2, 8, 2, 3000, q_offset, 128, torch.bfloat16, seed=window + sink)
+    s = 128**-0.5
+    pat = Pattern.band(q, k, q_offset=q_offset, window=window, sink=sink)
+    try:
+        choose(pat, q, k, scale=s, impl="fa3_band")
+    except RuntimeError as exc:
+        pytest.skip(f"fa3_band cannot run here: {str(exc)[-120:]}")
+    ref = execute(pat, q.float(), k.float(), v.float(), scale=s, impl="reference")
+    for fused in (True, False):
+        got = fa3.streaming(q, k, v, scale=s, q_offset=q_offset, window=window, sink=sink, fused=fused)
+        _close(f"band w={window} s={sink} off={q_offset} fused={fused}", got, ref)

@@ -5,7 +5,9 @@ Every lse FlashInfer returns is base 2; it is converted to natural log here and 
 * ``fa3_band`` (:class:`BandFA3`), band patterns over contiguous rows: dense causal through
   ``single_prefill`` fa3; sink + window as rows whose window reaches the sinks (dense causal) plus
   fa3 with ``window_left = window - 1`` over a key slice, whose sink part (non-causal over
-  ``[0, sink)``, in row chunks) is merged in place with ``merge_state_in_place``;
+  ``[0, sink)``, in row chunks) is merged in place with ``merge_state_in_place``
+  (``streaming(..., fused=True)`` gives each chunk of rows its sinks and window in one call over
+  gathered keys instead, :func:`sink_window_keys`: exact, and slower on the H200);
 * ``fa3_rows`` (:class:`RowsFA3`), gathered rows each over its whole causal prefix (a corrector's
   anchors and tail): the query heads of each KV head are packed into the rows (a 128-row FA3 tile
   holds ``128 / group`` gathered rows with all their heads), consecutive rows form one request,
@@ -40,7 +42,7 @@ from ..contract import AttentionResult
 from ..executor import Implementation, Refused, has_module
 from ..pattern import _ranges
 
-__all__ = ["available", "ready", "dense", "streaming", "rows", "rows_per_request", "ragged_requests", "BandFA3", "RowsFA3", "PagedFA3",
+__all__ = ["available", "ready", "dense", "streaming", "sink_window_keys", "sink_window_chunks", "rows", "rows_per_request", "ragged_requests", "BandFA3", "RowsFA3", "PagedFA3",
            "paged_requests"]
 
 LN2 = math.log(2.0)
@@ -148,19 +150,60 @@ def dense(q, k, v, *, scale: float, q_offset: int, out=None) -> AttentionResult:
     return _result(o, l2, out)
 
 
-def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, out=None) -> AttentionResult:
+def sink_window_keys(s: int, rows: int, *, window: int, sink: int) -> torch.Tensor:
+    """The keys (int64 indices into K) of one fa3 call that gives rows at positions ``s .. s+rows-1``
+    their sinks and their windows, with ``causal=True`` and ``window_left = window + sink - 1``.
+
+    The keys are ``K[s-window+1 : s-window+rows]`` (the ``rows - 1`` keys that leave the window row
+    by row), then the ``sink`` sink keys, then ``K[s-window+rows : s+rows]``. fa3 aligns row i
+    bottom-right, so it sees the ``window + sink`` consecutive entries ``[i, i + window + sink - 1]``:
+    the sinks sit inside every row's span, and the rest is exactly ``K[s+i-window+1 .. s+i]``.
+    Needs ``1 <= rows <= window + 1`` and ``s - window + 1 >= sink`` (no window reaches a sink).
+    """
+    if not 1 <= rows <= window + 1 or s - window + 1 < sink:
+        raise ValueError(f"sink_window_keys: rows={rows}, s={s}, window={window}, sink={sink} out of range")
+    return torch.cat([torch.arange(s - window + 1, s - window + rows), torch.arange(sink),
+                      torch.arange(s - window + rows, s + rows)])
+
+
+def sink_window_chunks(q_offset: int, r0: int, r1: int, *, window: int, sink: int, device=None):
+    """Yield ``(c0, c1, keys)`` for rows ``r0 .. r1-1`` (positions ``q_offset + r``) in chunks of ``window``
+    rows, ``keys`` = :func:`sink_window_keys` of the chunk on ``device`` (full chunks move one pattern)."""
+    base = moves = None
+    for c0 in range(r0, r1, window):
+        c1 = min(r1, c0 + window)
+        if c1 - c0 < window:
+            yield c0, c1, sink_window_keys(q_offset + c0, c1 - c0, window=window, sink=sink).to(device)
+            continue
+        if base is None:
+            base = sink_window_keys(q_offset + c0, window, window=window, sink=sink).to(device)
+            moves = torch.ones_like(base)
+            moves[window - 1: window - 1 + sink] = 0  # the sinks stay, the window entries move
+            first = c0
+        yield c0, c1, torch.add(base, moves, alpha=c0 - first)
+
+
+def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, out=None,
+              fused: bool = False) -> AttentionResult:
     """Sink + window attention (``backends/streaming.py`` semantics) through fa3.
 
-    Rows whose window reaches the sinks run dense causal; the others run fa3 with ``window_left``
+    Rows whose window reaches the sinks run dense causal. The others run fa3 with ``window_left``
     over a key slice (one launch), then their sink keys as a non-causal pass merged in place through
-    the lse, in chunks of rows (a bounded temporary: ``Nq / 16`` rows, 8K to 64K).
+    the lse, in chunks of ``Nq / 16`` rows (8K to 64K).
+
+    ``fused=True`` runs sinks and window together instead: chunks of ``window`` rows, each one fa3
+    call over the gathered keys of :func:`sink_window_keys` (no sink temporary, no merge; the gather
+    copies ``window + sink + rows`` keys per chunk). It is exact but slower on the H200 (window 2048,
+    sink 1024: 15.0 vs 12.9 ms at 128K, 119.7 vs 112.5 ms at 1M; ``bench/probe_streaming.py``), so it
+    is not the default.
     """
     fi = _fi()
     B, Hq, Nq, D = q.shape
     hi = q_offset + Nq
     n_a = max(0, min(Nq, sink + window - q_offset))  # rows whose window reaches the sinks: dense
     o, l2 = _buffers(q, out)
-    chunk = min(max(Nq // 16, _SINK_CHUNK[0]), _SINK_CHUNK[1])
+    fused = fused and sink > 0
+    chunk = window if fused else min(max(Nq // 16, _SINK_CHUNK[0]), _SINK_CHUNK[1])
     for b in range(B):
         qb = q[b].transpose(0, 1)  # [Nq, Hq, D]
         kb, vb = k[b].transpose(0, 1), v[b].transpose(0, 1)  # [Nk, Hkv, D]
@@ -168,6 +211,11 @@ def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, o
             _single(qb[:n_a], kb[: q_offset + n_a], vb[: q_offset + n_a], o[b, :n_a], l2[b, :n_a],
                     scale=scale, causal=True)
         if n_a == Nq:
+            continue
+        if fused:
+            for c0, c1, idx in sink_window_chunks(q_offset, n_a, Nq, window=window, sink=sink, device=q.device):
+                _single(qb[c0:c1], kb.index_select(0, idx), vb.index_select(0, idx), o[b, c0:c1], l2[b, c0:c1],
+                        scale=scale, causal=True, window_left=window + sink - 1)
             continue
         k0 = q_offset + n_a - window + 1
         _single(qb[n_a:], kb[k0:hi], vb[k0:hi], o[b, n_a:], l2[b, n_a:],

@@ -1,11 +1,12 @@
-"""``fa3_rows``' request arrays, checked on the CPU by running them through a float64 simulation of the
+"""fa3 plans checked on the CPU: ``fa3_rows`` request arrays run through a float64 simulation of the
 ragged fa3 launch (non-causal, one key range per request) plus the per-row remainder, against dense
-causal attention of every gathered row. The GPU test ``tests/test_gpu.py`` runs the kernels themselves."""
+causal attention of every gathered row; and the keys of the fused sink + window call, through fa3's masking rule.
+The GPU test ``tests/test_gpu.py`` runs the kernels themselves."""
 
 import pytest
 import torch
 
-from sparsekit.kernels.fa3 import ragged_requests, rows_per_request
+from sparsekit.kernels.fa3 import ragged_requests, rows_per_request, sink_window_chunks, sink_window_keys
 
 
 def _attend(q, k, v, scale):
@@ -82,3 +83,41 @@ def test_requests_fill_one_tile_with_the_packed_heads():
     assert torch.equal(ix["qo_indptr"][:4], torch.tensor([0, 128, 256, 384], dtype=torch.int32))
     assert int((pos - (ix["lo"] - 1)).max()) == 31 * 64
     assert bool((ix["kv_start"] == 0).all()) and torch.equal(ix["kv_len"].long(), ix["p0"] + 1)
+
+
+# ---------------------------------------------------------------- sink + window in one fa3 call
+def _fa3_visible(keys: torch.Tensor, rows: int, window_left: int) -> list:
+    """The key indices each row sees in fa3 single prefill over ``keys`` with ``causal=True`` and
+    ``window_left`` (row i aligned bottom-right at ``i + len(keys) - rows``)."""
+    n = keys.numel()
+    out = []
+    for i in range(rows):
+        last = i + n - rows
+        out.append(sorted(keys[max(0, last - window_left): last + 1].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("window,sink", [(512, 64), (600, 1), (2048, 1024), (8, 3)])
+def test_sink_window_keys_give_each_row_its_sinks_and_window(window, sink):
+    for rows in sorted({1, 2, window // 2, window, window + 1}):
+        for s in (sink + window - 1, sink + window + 37):
+            keys = sink_window_keys(s, rows, window=window, sink=sink)
+            assert keys.numel() == rows - 1 + sink + window
+            for i, seen in enumerate(_fa3_visible(keys, rows, window + sink - 1)):
+                p = s + i
+                assert seen == list(range(sink)) + list(range(p - window + 1, p + 1)), (window, sink, rows, s, i)
+    with pytest.raises(ValueError, match="out of range"):
+        sink_window_keys(sink + window - 2, 4, window=window, sink=sink)  # the window would reach a sink
+    with pytest.raises(ValueError, match="out of range"):
+        sink_window_keys(sink + window, window + 2, window=window, sink=sink)
+
+
+def test_sink_window_chunks_cover_the_rows_once_with_their_keys():
+    for q_offset, r0, r1, window, sink in ((0, 3072, 3072 + 3 * 2048 + 5, 2048, 1024), (100, 600, 2000, 512, 64),
+                                           (0, 40, 200, 20, 20)):
+        seen = []
+        for c0, c1, keys in sink_window_chunks(q_offset, r0, r1, window=window, sink=sink):
+            assert c1 - c0 <= window
+            assert torch.equal(keys, sink_window_keys(q_offset + c0, c1 - c0, window=window, sink=sink))
+            seen.extend(range(c0, c1))
+        assert seen == list(range(r0, r1))
