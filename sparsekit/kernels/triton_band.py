@@ -6,7 +6,7 @@ key j iff ``j <= pos[r]`` and (``j < sink`` or ``j >= lo[r]``):
 
 * streaming (sink + window): ``pos[r] = q_offset + r``, ``lo[r] = pos[r] - window + 1``;
 * key-dense gathered rows (Δ anchors + tail): ``pos`` given, ``sink = 0``, ``lo = 0``;
-* the small triangle of the paged FlashInfer rows path: ``pos`` given, ``lo`` given.
+* the remainder ``(p0, pos]`` of each row of the FlashInfer rows path (``fa3_rows``): ``pos`` given, ``lo`` given.
 
 A program owns ``BLOCK_M`` consecutive rows of one (batch, query head) and walks only the key
 blocks some row of the tile can see: ``[0, sink)`` first, then the band
