@@ -16,6 +16,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without triton
     raise ImportError('the block_threshold Triton scorer needs triton: pip install "sparsekit-prefill[triton]"') from e
 
+from sparsekit.kernels._triton_softmax import scores  # noqa: E402  (a global of the kernel below)
+
 __all__ = ["pooled_shares"]
 
 
@@ -52,10 +54,7 @@ def _pooled_shares(
     for j0 in range(0, n_max, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         kk = tl.load(kbase + j.to(tl.int64)[:, None] * s_kn + d[None, :], mask=(j < n_max)[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(kk), input_precision="tf32") * scale
+        s = scores(q, kk, IEEE) * scale
         s = tl.where(j[None, :] < n_vis[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -70,10 +69,7 @@ def _pooled_shares(
     for j0 in range(0, n_max, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         kk = tl.load(kbase + j.to(tl.int64)[:, None] * s_kn + d[None, :], mask=(j < n_max)[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(kk), input_precision="tf32") * scale
+        s = scores(q, kk, IEEE) * scale
         p = tl.exp(s - m_i[:, None]) / l_i[:, None]
         p = tl.where(j[None, :] < n_vis[:, None], p, 0.0)
         pg = tl.sum(tl.reshape(p, [QBP, HPGP, BLOCK_N]), axis=1) / HPG

@@ -73,8 +73,8 @@ def _build():
     triton = _triton()
     import triton.language as tl
 
-    global scores, update, finish  # the kernel's globals, where Triton (compiler and interpreter) looks
-    from ._triton_softmax import finish, scores, update
+    global scores, update, finish, pattern_tile  # the kernel's globals, where Triton (compiler and interpreter) looks
+    from ._triton_softmax import finish, pattern_tile, scores, update
 
     @triton.jit
     def _meancorr_fwd(
@@ -85,24 +85,8 @@ def _build():
         HPT: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_J: tl.constexpr,
         BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     ):
-        pid_t = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        qb = pid_t // SUB
-        sub = pid_t % SUB
-        n_ht = HQ // HPT
-        b = (pid_h // n_ht).to(tl.int64)
-        h0 = ((pid_h % n_ht) * HPT).to(tl.int64)
-        kvh = h0 // GQ
-        gb = tl.where(GROUP_BATCH > 1, b, 0)
-        g = gb * GROUP_HEADS + (h0 * GROUP_HEADS) // HQ
-        seg = g * NQB + qb
-        r_lo = tl.load(RB + qb) + sub * ROWS
-        r_hi = tl.minimum(tl.load(RB + qb + 1), r_lo + ROWS)
-
-        m = tl.arange(0, BLOCK_M)
-        head = h0 + m // ROWS
-        rows = r_lo + m % ROWS
-        rmask = rows < r_hi
+        b, kvh, g, qb, seg, r_lo, r_hi, head, rows, rmask = pattern_tile(
+            RB, HQ, GQ, NQB, GROUP_BATCH, GROUP_HEADS, HPT, ROWS, BLOCK_M, SUB)
         r64 = rows.to(tl.int64)
         pos = tl.where(rmask, q_offset + r64, -1)
         # U(p): mean blocks j < U are fully visible and outside the window part of the band
