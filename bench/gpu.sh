@@ -9,6 +9,7 @@
 #
 # Stages:
 #   tests     pytest -m gpu over tests/test_gpu.py, test_hip.py, test_vertical_slash.py -> $OUT/gpu_tests.txt
+#   alltests  the same plus test_block_threshold.py and test_meancorr.py
 #   bench     sparsekit bench --backends all --inputs structured,random at 32K and 128K (every corrector)
 #   bench1m   the same at 1M, structured inputs, with the steps of each run (--pieces)
 #   quick     streaming / hip / vertical_slash / plug-in + Δ at 128K only, structured, with --pieces
@@ -16,7 +17,8 @@
 #   btprobe   block_threshold variants at 4K-1M (probe 1 of bench/results/h200/block_threshold/probes)
 #   probe2    block_threshold forced sparse at 16K-64K, meancorr's cost at 128K (probe 2)
 #   probe13   streaming + Δ piece by piece at 128K and 1M (bench/probe_streaming.py), fa3_rows / Δ GPU tests
-#   s13       issue 13's table: streaming(2048, 1024) alone and + Δ(γ=64) at 32K-1M, fa3 in the same run ($RUN names it)
+#   s13       issue 13's table: streaming(2048, 1024) alone, + Δ(γ=64) and + Δ unfused at 32K-1M, fa3 in the same run ($RUN names it)
+#   ab13      Δ fused into fa3_band's merge vs Δ in its own pass (delta(fuse=False)) at 128K and 1M ($RUN names it)
 #   bt12      issue 12's table: block_threshold alone / + Δ / + meancorr at 4K-128K and alone / + Δ at 1M
 set -u
 OUT=${OUT:?set OUT}
@@ -33,6 +35,10 @@ for stage in "$@"; do
     tests)
       python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu.py tests/test_hip.py tests/test_vertical_slash.py \
         > "$OUT/gpu_tests.txt" 2>&1; tail -25 "$OUT/gpu_tests.txt" ;;
+    alltests)  # every GPU test: the tests stage's files plus block_threshold's and meancorr's
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=12 tests/test_gpu.py tests/test_hip.py \
+        tests/test_vertical_slash.py tests/test_block_threshold.py tests/test_meancorr.py > "$OUT/gpu_tests.txt" 2>&1
+      tail -40 "$OUT/gpu_tests.txt" ;;
     bench)
       $SK bench --n 32K,128K --backends all --inputs structured,random $COMMON "${OPTS[@]}" \
         --baseline-max-n 128K --reps 5 --out "$OUT/bench" > "$OUT/bench_stdout.md" 2> "$OUT/bench_log.txt"
@@ -82,9 +88,15 @@ for stage in "$@"; do
     s13)
       R=${RUN:-1}
       $SK bench --n 32K,128K,512K,1M --specs "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
-        --correctors "none,delta(gamma=64)" --baselines fa3 --pieces --reps 7 --large-n 512K --large-reps 3 \
+        --correctors "none,delta(gamma=64),delta(gamma=64,fuse=False)" --baselines fa3 --pieces --reps 7 --large-n 512K --large-reps 3 \
         --out "$OUT/s13_run$R" > /dev/null 2> "$OUT/s13_run${R}_log.txt"
       grep -E "^\| (FlashInfer|stream)" "$OUT/s13_run$R/bench.md" | cut -c1-330 ;;
+    ab13)  # Δ fused into fa3_band's sink merge against Δ in its own pass, 128K and 1M, one run ($RUN names it)
+      R=${RUN:-1}
+      $SK bench --n 128K,1M --specs "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
+        --correctors "delta(gamma=64),delta(gamma=64,fuse=False)" --baselines fa3 --baseline-max-n 128K --pieces \
+        --reps 9 --large-n 512K --large-reps 5 --out "$OUT/ab13_run$R" > /dev/null 2> "$OUT/ab13_run${R}_log.txt"
+      grep -E "^\| (FlashInfer|stream)" "$OUT/ab13_run$R/bench.md" | cut -c1-420 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
