@@ -17,8 +17,7 @@
 #   btprobe   block_threshold variants at 4K-1M (probe 1 of bench/results/h200/block_threshold/probes)
 #   probe2    block_threshold forced sparse at 16K-64K, meancorr's cost at 128K (probe 2)
 #   probe13   streaming + Δ piece by piece at 128K and 1M (bench/probe_streaming.py), fa3_rows / Δ GPU tests
-#   s13       issue 13's table: streaming(2048, 1024) alone, + Δ(γ=64) and + Δ unfused at 32K-1M, fa3 in the same run ($RUN names it)
-#   ab13      Δ fused into fa3_band's merge vs Δ in its own pass (delta(fuse=False)) at 128K and 1M ($RUN names it)
+#   s13       issue 13's table: streaming(2048, 1024) alone and + Δ(γ=64) at 32K-1M, fa3 in the same run ($RUN names it)
 #   bt12      issue 12's table: block_threshold alone / + Δ / + meancorr at 4K-128K and alone / + Δ at 1M
 set -u
 OUT=${OUT:?set OUT}
@@ -88,15 +87,9 @@ for stage in "$@"; do
     s13)
       R=${RUN:-1}
       $SK bench --n 32K,128K,512K,1M --specs "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
-        --correctors "none,delta(gamma=64),delta(gamma=64,fuse=False)" --baselines fa3 --pieces --reps 7 --large-n 512K --large-reps 3 \
+        --correctors "none,delta(gamma=64)" --baselines fa3 --pieces --reps 7 --large-n 512K --large-reps 3 \
         --out "$OUT/s13_run$R" > /dev/null 2> "$OUT/s13_run${R}_log.txt"
       grep -E "^\| (FlashInfer|stream)" "$OUT/s13_run$R/bench.md" | cut -c1-330 ;;
-    ab13)  # Δ fused into fa3_band's sink merge against Δ in its own pass, 128K and 1M, one run ($RUN names it)
-      R=${RUN:-1}
-      $SK bench --n 128K,1M --specs "streaming(window=2048,sink=1024)" --inputs structured $COMMON \
-        --correctors "delta(gamma=64),delta(gamma=64,fuse=False)" --baselines fa3 --baseline-max-n 128K --pieces \
-        --reps 9 --large-n 512K --large-reps 5 --out "$OUT/ab13_run$R" > /dev/null 2> "$OUT/ab13_run${R}_log.txt"
-      grep -E "^\| (FlashInfer|stream)" "$OUT/ab13_run$R/bench.md" | cut -c1-420 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

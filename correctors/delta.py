@@ -9,7 +9,7 @@ import torch
 
 from sparsekit.correctors.anchored import AnchoredCorrector
 from sparsekit.base import Interpolation
-from sparsekit.contract import AttentionResult, Finisher
+from sparsekit.contract import AttentionResult
 from sparsekit.reference import compute_dtype
 from sparsekit.spec import build
 
@@ -41,10 +41,6 @@ class Delta(AnchoredCorrector):
     interpolation : str, dict or Interpolation
         ``"repeat"`` (paper default), ``"linear"``, ``"ema"``, ``"abg"`` or any registered scheme.
 
-    fuse : bool
-        Let Δ run inside the backend implementation's last merge when it can (:meth:`finisher`;
-        same values); False applies it in a pass of its own (for ablations of that fusion).
-
     A non-finite Δ (a NaN or inf in the anchor's dense or sparse row) is not spread: it counts as
     zero (with ``repeat`` the block's other rows keep their uncorrected sparse values), so one bad
     row stays one bad row.
@@ -52,24 +48,10 @@ class Delta(AnchoredCorrector):
 
     name: ClassVar[str] = "delta"
     interpolation: Union[str, dict, Interpolation] = "repeat"
-    fuse: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         self.interpolation = build("interpolation", self.interpolation)
-        if not isinstance(self.fuse, bool):
-            raise TypeError(f"delta: fuse must be True or False, got {self.fuse!r}")
-
-    def finisher(self, rows, dense):
-        """Δ applied inside the backend implementation's last merge (:class:`DeltaFinisher`): with the
-        paper's ``repeat`` interpolation, on CUDA with Triton; otherwise None."""
-        if not self.fuse or rows.n_body == 0 or type(self.interpolation).__dict__.get("fused") != "repeat":
-            return None
-        from sparsekit import kernels
-
-        if not kernels.triton_pass_ok(dense.out):
-            return None
-        return DeltaFinisher(rows, dense)
 
     def mix(self, rows, sparse, dense) -> AttentionResult:
         """Corrected result from the sparse result and the dense anchor + tail rows.
@@ -102,36 +84,3 @@ class Delta(AnchoredCorrector):
         out = torch.cat([body_out.to(sparse.out.dtype), dense.out[:, :, nb:].to(sparse.out.dtype)], dim=2)
         lse = torch.cat([body_lse, dense.lse[:, :, nb:]], dim=2)
         return AttentionResult(out, lse)
-
-
-class DeltaFinisher(Finisher):
-    """Δ (``repeat``) in the pass that merges an implementation's last two partials.
-
-    For each range of rows (starting at a multiple of gamma, so every block's anchor is in its
-    range) the Triton pass merges the partials, measures Δ at the block's anchor from the merged
-    anchor row and the dense row, and writes ``merged + Δ`` (lse likewise), the same values as
-    :meth:`Delta.mix`. Anchor rows are left to :meth:`close`, which writes the dense anchor and tail
-    rows. ``rows``: the corrector's :class:`~sparsekit.rows.RowPlan`; ``dense``: its dense rows
-    (anchors, then tail), (batch, q_heads, n_blocks + n_tail, ·).
-    """
-
-    def __init__(self, rows, dense: AttentionResult):
-        self.rows, self.dense = rows, dense
-        self.align = rows.gamma
-
-    def finish(self, b, r0, acc_out, acc_lse, part_out, part_lse, *, lse_scale, lse_out):
-        from sparsekit.kernels.triton_delta import delta_merge
-
-        nb = self.rows.n_blocks
-        delta_merge(acc_out, acc_lse, part_out, part_lse, self.dense.out[b, :, :nb], self.dense.lse[b, :, :nb],
-                    r0=r0, gamma=self.rows.gamma, n_body=self.rows.n_body, lse_scale=lse_scale, lse_out=lse_out)
-
-    def close(self, result: AttentionResult) -> AttentionResult:
-        r, d = self.rows, self.dense
-        nb, g = r.n_blocks, r.gamma
-        result.out[:, :, 0:r.n_body:g] = d.out[:, :, :nb]
-        result.lse[:, :, 0:r.n_body:g] = d.lse[:, :, :nb]
-        if r.n_tail:
-            result.out[:, :, r.n_body:] = d.out[:, :, nb:]
-            result.lse[:, :, r.n_body:] = d.lse[:, :, nb:]
-        return result

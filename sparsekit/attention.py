@@ -111,17 +111,6 @@ class Plan:
             extra = extra + self.corrector.complement_pairs(self.pattern)
         return Cost(backend, extra, causal_pairs(self.nq, self.q_offset))
 
-    @property
-    def fuses_corrector(self) -> bool:
-        """Whether :meth:`SparseAttention.run` computes the dense rows first and offers the corrector
-        the sparse implementation's last merge (``Corrector.finisher``): the implementation finishes,
-        there are dense rows, and the corrector keeps the default ``complement``."""
-        from .base import Corrector
-
-        return (self.corrector is not None and self.choice is not None and self.dense is not None
-                and getattr(self.choice.impl, "finishes", False)
-                and type(self.corrector).complement is Corrector.complement)
-
     def implementations(self) -> dict:
         """Step -> implementation name."""
         out = {}
@@ -142,9 +131,6 @@ class Plan:
         if self.dense is not None:
             lines.append(f"dense rows ({self.dense.nq} rows of the corrector): {self.dense!r}")
             lines.append("  runs on " + self.dense_choice.explain().replace("\n", "\n  "))
-        if self.fuses_corrector:
-            lines.append(f"corrector: offered {self.choice.impl.name}'s last merge (dense rows first; "
-                         "fused when the corrector can apply itself there)")
         lines.append(f"cost: {self.cost()}")
         return "\n".join(lines)
 
@@ -286,15 +272,9 @@ class SparseAttention:
         q, k, v = to_bhnd(q, lay), to_bhnd(k, lay), to_bhnd(v, lay)
         plan.check(q, k, v)
         clock = _Clock(timings is not None, q.device)
-        sparse = dense = finisher = None
-        if plan.fuses_corrector:
-            # the dense rows first: the corrector then works inside the implementation's last merge
-            dense = self._dense_rows(plan, q, k, v)
-            clock(timings, "dense rows")
-            finisher = self.corrector.finisher(plan.rows, dense)
+        sparse = None
         if plan.pattern is not None:
             impl, state = plan.choice.impl, plan.choice.state
-            extra = {} if finisher is None else {"finisher": finisher}
             nb = plan.pattern.nq
             if nb < plan.nq:
                 # the body's rows into buffers of every row: the corrector writes the rest in place
@@ -305,38 +285,30 @@ class SparseAttention:
                     buf = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
                 lbuf = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
                 part = (buf[:, :, :nb], lbuf[:, :, :nb])
-                write_into(impl.run(plan.pattern, state, q[:, :, :nb], k, v, scale=plan.scale, out=part, **extra),
-                           part)
+                write_into(impl.run(plan.pattern, state, q[:, :, :nb], k, v, scale=plan.scale, out=part), part)
                 sparse = AttentionResult(buf, lbuf)
             else:
-                sparse = impl.run(plan.pattern, state, q, k, v, scale=plan.scale, **extra)
+                sparse = impl.run(plan.pattern, state, q, k, v, scale=plan.scale)
             clock(timings, "sparse")
-            if self.corrector is not None and finisher is None:
+            if self.corrector is not None:
                 nb = plan.pattern.nq
                 self.corrector.complement(plan.pattern, sparse, q[:, :, :nb], k, v, scale=plan.scale)
                 clock(timings, "complement")
         if self.corrector is None:
             res = sparse
-        elif finisher is not None:
-            res = finisher.close(sparse)
-            clock(timings, "combine")
         else:
-            if dense is None:
-                dense = self._dense_rows(plan, q, k, v)
-                clock(timings, "dense rows")
+            if plan.dense is not None:
+                qr = q.index_select(2, plan.row_index)
+                dense = plan.dense_choice.impl.run(plan.dense, plan.dense_choice.state, qr, k, v, scale=plan.scale)
+            else:
+                dense = AttentionResult(q.new_zeros(q.shape[0], q.shape[1], 0, q.shape[3]),
+                                        torch.zeros(q.shape[0], q.shape[1], 0, device=q.device))
+            clock(timings, "dense rows")
             res = self.corrector.combine(plan.rows, sparse, dense)
             clock(timings, "combine")
         if lay == "BNHD":
             res = AttentionResult(res.out.transpose(1, 2), res.lse)
         return res
-
-    @staticmethod
-    def _dense_rows(plan: Plan, q, k, v) -> AttentionResult:
-        if plan.dense is None:
-            return AttentionResult(q.new_zeros(q.shape[0], q.shape[1], 0, q.shape[3]),
-                                   torch.zeros(q.shape[0], q.shape[1], 0, device=q.device))
-        qr = q.index_select(2, plan.row_index)
-        return plan.dense_choice.impl.run(plan.dense, plan.dense_choice.state, qr, k, v, scale=plan.scale)
 
     # ------------------------------------------------------------------ calling
     def __call__(self, q, k, v, *, scale=None, q_offset=None, return_lse: bool = False, impl=None, layout=None):

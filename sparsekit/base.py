@@ -177,14 +177,6 @@ class Corrector(Plugin):
         them to the corrector's pairs."""
         return 0
 
-    def finisher(self, rows, dense: AttentionResult):
-        """A :class:`~sparsekit.contract.Finisher` that applies this correction inside the backend
-        implementation's last merge, or None (the default: the implementation merges, then
-        :meth:`combine` runs). Asked only when the chosen implementation can take one, after the
-        dense rows are computed, and only for correctors that keep the default :meth:`complement`;
-        its ``close`` then replaces :meth:`combine` and must give the same result."""
-        return None
-
     def combine(self, rows, sparse: Optional[AttentionResult], dense: AttentionResult) -> AttentionResult:
         """The corrected result.
 

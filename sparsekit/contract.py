@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
-__all__ = ["AttentionResult", "Finisher", "merge", "merge_many", "LN2", "lse_from_base2"]
+__all__ = ["AttentionResult", "merge", "merge_many", "LN2", "lse_from_base2"]
 
 LN2 = math.log(2.0)
 
@@ -92,46 +92,3 @@ def merge_many(results: Iterable[AttentionResult]) -> AttentionResult:
         w = torch.where(finite, torch.exp(l - safe), torch.zeros_like(l))
         out += w.unsqueeze(-1).to(cd) * r.out.to(cd)
     return AttentionResult(out.to(results[0].out.dtype), lse)
-
-
-class Finisher:
-    """A corrector's row-local work, fused into the last merge of an implementation's partials.
-
-    An implementation whose class sets ``finishes = True`` accepts ``run(..., finisher=f)``: instead
-    of merging its last two partial results (e.g. window keys and sink keys) and writing the result,
-    it hands each range of rows to :meth:`finish` exactly once, every range starting at a multiple
-    of :attr:`align`. The finisher merges, corrects and writes those rows in one pass over memory.
-    The caller then calls :meth:`close` on the implementation's result for the rows a pass over
-    partials cannot write (for Δ: the anchor rows, which other ranges' rows read, and the tail).
-
-    ``SparseAttention`` asks the corrector for one (``Corrector.finisher(rows, dense)``, after
-    computing the dense rows) only when the chosen implementation finishes; the corrector returns
-    None when it cannot fuse (then the implementation merges and the corrector combines as usual).
-    """
-
-    #: every range handed to :meth:`finish` starts at a multiple of this (rows of the pattern)
-    align: int = 1
-
-    def finish(self, b: int, r0: int, acc_out: torch.Tensor, acc_lse: torch.Tensor,
-               part_out: Optional[torch.Tensor], part_lse: Optional[torch.Tensor], *, lse_scale: float,
-               lse_out: torch.Tensor) -> None:
-        """Rows ``r0 .. r0 + n - 1`` of batch item ``b``.
-
-        Parameters
-        ----------
-        acc_out : (q_heads, n, head_dim), any strides with unit stride on head_dim
-            One partial result's rows; receives the finished rows (in place).
-        acc_lse : (q_heads, n) float32, in units of ``lse_scale`` (natural log = value * lse_scale)
-        part_out, part_lse : the same shapes, the partial over the other keys, or None (nothing to merge)
-        lse_scale : float (``math.log(2)`` for FlashInfer's base-2 lse, 1.0 for natural log)
-        lse_out : (q_heads, n) float32, receives the finished lse (natural log)
-        """
-        raise NotImplementedError
-
-    def close(self, result: AttentionResult) -> AttentionResult:
-        """The corrected result, after :meth:`finish` saw every row of the pattern.
-
-        ``result`` holds every query row (batch, q_heads, q_len, ·), lse in natural log; rows past
-        the pattern's are not computed. Writes in place where it can and returns the result.
-        """
-        raise NotImplementedError

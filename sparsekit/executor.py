@@ -54,9 +54,6 @@ class Implementation:
     rank: ClassVar[int] = 100
     #: the memory order it writes outputs in most cheaply: "BHND", or "BNHD" (FlashInfer's NHD)
     out_layout: ClassVar[str] = "BHND"
-    #: :meth:`run` takes ``finisher=`` (a :class:`~sparsekit.contract.Finisher`) and hands it its
-    #: last merge (a corrector's row-local work then costs no pass of its own over the output)
-    finishes: ClassVar[bool] = False
 
     @classmethod
     def available_reason(cls) -> Optional[str]:
@@ -84,9 +81,7 @@ class Implementation:
         the keys the pattern lets each row see (``-inf`` and out 0 for a row that sees none).
         ``out``: optional ``(out, lse)`` tensors of those shapes (views into larger buffers) to write
         the result into; an implementation that cannot write there returns its own tensors and the
-        caller copies (:func:`write_into`). Implementations with ``finishes = True`` also take
-        ``finisher=`` and, when it is given, call its ``finish`` on every row instead of writing their
-        last merge (the returned lse is then the finisher's).
+        caller copies (:func:`write_into`).
         """
         raise NotImplementedError
 

@@ -266,33 +266,3 @@ def test_fa3_streaming_fused_sinks_and_window(window, sink, q_offset):
     for fused in (True, False):
         got = fa3.streaming(q, k, v, scale=s, q_offset=q_offset, window=window, sink=sink, fused=fused)
         _close(f"band w={window} s={sink} off={q_offset} fused={fused}", got, ref)
-
-
-@pytest.mark.parametrize("gamma,tail,shape", [(64, None, (1, 32, 8, 12000, 0, 128)), (16, None, (2, 8, 2, 3001, 77, 128)),
-                                              (100, 37, (1, 8, 4, 9000, 5, 128)), (64, 0, (1, 8, 8, 5000, 0, 64))])
-def test_delta_fused_into_fa3_band(gamma, tail, shape):
-    """streaming + Δ with Δ applied inside fa3_band's sink merge (dense rows first, ``DeltaFinisher``):
-    several sink chunks, gamma not dividing the dense-row count, odd lengths, batch 2, GQA, chunked
-    prefill, tail 0; against the reference pipeline (float32, torch Δ)."""
-    from sparsekit.correctors.delta import Delta, DeltaFinisher
-
-    q, k, v = _inputs(*shape, torch.bfloat16, seed=gamma)
-    q_offset = shape[4]
-    attn = SparseAttention("streaming", corrector=Delta(gamma=gamma, tail=tail), window=512, sink=64)
-    plan = attn.plan(q, k, q_offset=q_offset)
-    if plan.choice.impl.name != "fa3_band":
-        pytest.skip(f"fa3_band does not run here: {plan.explain()[-200:]}")
-    assert plan.fuses_corrector
-    from sparsekit.kernels import fa3
-
-    chunk = fa3._SINK_CHUNK
-    fa3._SINK_CHUNK = (1000, 1000)  # several sink chunks at these lengths
-    try:
-        dense = attn._dense_rows(plan, q, k, v)
-        assert isinstance(attn.corrector.finisher(plan.rows, dense), DeltaFinisher)
-        out, lse = attn.run(plan, q, k, v)
-    finally:
-        fa3._SINK_CHUNK = chunk
-    with kernels.use("reference"):
-        ref = attn.run(attn.plan(q.float(), k.float(), q_offset=q_offset), q.float(), k.float(), v.float())
-    _close(f"streaming+delta(gamma={gamma}, tail={tail}) fused {shape}", (out, lse), ref)

@@ -41,14 +41,6 @@ def test_delta_apply_interpret():
     _run("delta")
 
 
-def test_delta_finisher_interpret():
-    """Δ fused into fa3_band's last merge (``DeltaFinisher`` + ``delta_merge``): fa3's streaming code
-    with FlashInfer replaced by a float64 model of its single prefill, chunked sink merges (chunk
-    starts aligned to gamma, some chunks with rows that had no sink pass), batch 2, GQA, q_offset > 0,
-    a NaN anchor, against the unfused path (merge, then ``Delta.combine``)."""
-    _run("finish")
-
-
 def test_every_backends_patterns_through_the_triton_implementations():
     """Every registered backend (the third-party plug-in included) over drawn shapes: each Triton
     implementation that accepts its pattern agrees with the reference implementation."""
@@ -199,129 +191,6 @@ def _delta():
                             linear=interp == "linear", out=so, out_lse=sl)
                 if not (torch.equal(so, out) and torch.equal(sl, lse)):
                     raise AssertionError("delta: in-place result differs")
-
-
-def _fake_single(q, k, v, o, lse, *, scale, causal, window_left=-1):
-    """fa3 single prefill in float64: row i of n sees keys j <= m - n + i (bottom-right), and with
-    ``window_left`` only j >= m - n + i - window_left; lse base 2."""
-    import math
-
-    import torch
-
-    n, Hq, D = q.shape
-    m, Hkv = k.shape[0], k.shape[1]
-    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
-    vv = v.double().repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.einsum("nhd,mhd->hnm", q.double(), kk) * scale
-    i = torch.arange(n)[:, None]
-    j = torch.arange(m)[None, :]
-    keep = torch.ones(n, m, dtype=torch.bool)
-    if causal:
-        keep &= j <= m - n + i
-        if window_left >= 0:
-            keep &= j >= m - n + i - window_left
-    s = s.masked_fill(~keep, float("-inf"))
-    l = torch.logsumexp(s, -1)
-    w = torch.exp(s - l.nan_to_num(neginf=0.0)[..., None]).nan_to_num(0.0)
-    o.copy_(torch.einsum("hnm,mhd->nhd", w, vv).to(o.dtype))
-    lse.copy_((l / math.log(2.0)).t().float())
-
-
-class _FakeFI:
-    @staticmethod
-    def merge_state_in_place(v_a, s_a, v_b, s_b):
-        import math
-
-        from sparsekit.contract import AttentionResult, merge
-
-        m = merge(AttentionResult(v_a, s_a * math.log(2.0)), AttentionResult(v_b, s_b * math.log(2.0)))
-        v_a.copy_(m.out)
-        s_a.copy_(m.lse / math.log(2.0))
-
-
-def _finish():
-    import torch
-
-    from sparsekit.contract import AttentionResult
-    from sparsekit.correctors.delta import Delta, DeltaFinisher
-    from sparsekit.executor import write_into
-    from sparsekit.kernels import fa3
-
-    fa3._single = _fake_single
-    fa3._fi = lambda: _FakeFI
-    g = torch.Generator().manual_seed(5)
-    for dtype in (torch.float32, torch.float16):
-        for B, Hq, Hkv, N, off, window, sink, gamma, tail, chunk in (
-            (2, 4, 2, 150, 0, 24, 8, 16, 7, 40), (1, 6, 2, 97, 5, 16, 4, 10, 0, 23), (2, 4, 1, 64, 40, 8, 2, 16, 3, 16),
-            (1, 2, 1, 40, 0, 64, 8, 8, 5, 16), (1, 4, 2, 130, 3, 20, 0, 12, 9, 30), (1, 2, 1, 150, 0, 24, 8, 16, None, 8),
-        ):
-            fa3._SINK_CHUNK = (chunk, chunk)
-            D = 16
-            q = torch.randn(B, Hq, N, D, generator=g).to(dtype)
-            k = torch.randn(B, Hkv, N + off, D, generator=g).to(dtype)
-            v = torch.randn(B, Hkv, N + off, D, generator=g).to(dtype)
-            s = D**-0.5
-            corr = Delta(gamma=gamma, tail=tail)
-            rows = corr.rows(N)
-            nb = rows.n_body
-            idx = rows.dense_rows()
-            do, dl = torch.empty(B, Hq, idx.numel(), D, dtype=dtype), torch.empty(B, Hq, idx.numel())
-            for bb in range(B):  # the dense rows: every row of the prefix
-                o_ = torch.empty(N, Hq, D, dtype=dtype)
-                l_ = torch.empty(N, Hq)
-                _fake_single(q[bb].transpose(0, 1), k[bb].transpose(0, 1), v[bb].transpose(0, 1), o_, l_,
-                             scale=s, causal=True)
-                do[bb] = o_[idx].transpose(0, 1)
-                dl[bb] = l_[idx].t() * fa3.LN2
-            dense = AttentionResult(do, dl)
-            if rows.n_blocks > 2:  # a NaN in an anchor's dense row: that block keeps its sparse rows
-                dense.out[-1, 1, 1, 0] = float("nan")
-            name = f"finish{(B, Hq, Hkv, N, off, window, sink, gamma, tail, chunk, dtype)}"
-            buf, lbuf = torch.zeros(B, Hq, N, D, dtype=dtype), torch.zeros(B, Hq, N)
-            part = (buf[:, :, :nb], lbuf[:, :, :nb])
-            write_into(fa3.streaming(q[:, :, :nb], k, v, scale=s, q_offset=off, window=window, sink=sink, out=part),
-                       part)
-            ref = corr.combine(rows, AttentionResult(buf, lbuf), dense)
-            fb = torch.empty(B, N, Hq, D, dtype=dtype).transpose(1, 2)
-            flb = torch.empty(B, Hq, N)
-            part = (fb[:, :, :nb], flb[:, :, :nb])
-            fin = DeltaFinisher(rows, dense)
-            write_into(fa3.streaming(q[:, :, :nb], k, v, scale=s, q_offset=off, window=window, sink=sink, out=part,
-                                     finisher=fin), part)
-            got = fin.close(AttentionResult(fb, flb))
-            if not torch.isfinite(ref.out[:, :, :nb]).all() == torch.isfinite(got.out[:, :, :nb]).all():
-                raise AssertionError(f"{name}: non-finite rows differ")
-            _check(name, got.out.nan_to_num(0.0), got.lse, AttentionResult(ref.out.nan_to_num(0.0), ref.lse), dtype)
-            if not torch.equal(got.out[:, :, idx].nan_to_num(0.0), dense.out.nan_to_num(0.0)):
-                raise AssertionError(f"{name}: anchor / tail rows are not the dense rows")
-    # the whole pipeline: SparseAttention computes the dense rows first and offers Δ the band's merge
-    from sparsekit import SparseAttention
-    from sparsekit.executor import register_implementation
-    from sparsekit.kernels.fa3 import BandFA3
-
-    class SimBand(BandFA3):  # fa3_band with the float64 model of FlashInfer above
-        name, family, rank = "fa3_band_sim", "test", 0
-        available_reason = staticmethod(lambda: None)
-
-        def refuse(self, pattern, q, k):
-            return None if pattern.is_band and pattern.positions is None and pattern.window else "not a band"
-
-    register_implementation("fa3_band_sim", SimBand)
-    fa3._SINK_CHUNK = (48, 48)
-    for dtype in (torch.float32, torch.float16):
-        for B, Hq, Hkv, N, off, gamma, tail in ((2, 4, 2, 200, 0, 16, 9), (1, 2, 1, 171, 13, 20, 0)):
-            q = torch.randn(B, Hq, N, 16, generator=g).to(dtype)
-            k = torch.randn(B, Hkv, N + off, 16, generator=g).to(dtype)
-            v = torch.randn(B, Hkv, N + off, 16, generator=g).to(dtype)
-            attn = SparseAttention("streaming", corrector=Delta(gamma=gamma, tail=tail), window=24, sink=8)
-            plan = attn.plan(q, k, q_offset=off)
-            if plan.choice.impl.name != "fa3_band_sim" or not plan.fuses_corrector:
-                raise AssertionError(f"pipeline: not fused\n{plan.explain()}")
-            if attn.corrector.finisher(plan.rows, attn._dense_rows(plan, q, k, v)) is None:
-                raise AssertionError("pipeline: Δ offers no finisher under the interpreter")
-            out, lse = attn.run(plan, q, k, v)
-            ref = attn.forward(q.double(), k.double(), v.double(), q_offset=off, impl="reference")
-            _check(f"pipeline{(B, Hq, Hkv, N, off, gamma, tail, dtype)}", out, lse, ref, dtype)
 
 
 def _patterns():
@@ -487,6 +356,5 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    {"streaming": _streaming, "rows": _rows, "delta": _delta, "patterns": _patterns, "meancorr": _meancorr,
-     "finish": _finish}[group]()
+    {"streaming": _streaming, "rows": _rows, "delta": _delta, "patterns": _patterns, "meancorr": _meancorr}[group]()
     print(f"OK {group}")

@@ -17,7 +17,7 @@ name               family      runs
 =================  ==========  ==================================================================
 
 Two corrector passes live here too, outside dispatch: Δ's fused application (``triton_delta``, through
-:func:`delta_apply`, or inside an implementation's last merge through Δ's finisher) and meancorr's mean correction (``triton_meancorr``); each falls back to torch when
+:func:`delta_apply`) and meancorr's mean correction (``triton_meancorr``); each falls back to torch when
 a ``use(...)`` restriction leaves out the ``triton`` family.
 
 ``sparsekit.kernels.use("triton")`` restricts dispatch inside a ``with`` block;
@@ -34,7 +34,7 @@ from ..contract import AttentionResult
 from ..executor import choose, execute, forced, implementations, register_implementation, use
 
 __all__ = ["use", "forced", "implementations", "register_implementation", "choose", "execute", "delta_apply",
-           "dense_layout", "triton_pass_ok"]
+           "dense_layout"]
 
 
 def dense_layout(t: torch.Tensor) -> bool:
@@ -48,22 +48,6 @@ def dense_layout(t: torch.Tensor) -> bool:
     return True
 
 
-def triton_pass_ok(out: torch.Tensor) -> bool:
-    """Whether a corrector's Triton pass (Δ's application, its fused merge) can run on rows like
-    ``out`` (batch, heads, rows, head_dim): CUDA (or the CPU under Triton's interpreter), triton installed and not left out by a ``use(...)``
-    restriction, a power-of-two head_dim in 16..256 with unit stride."""
-    import os
-
-    allow = forced()
-    on_device = out.is_cuda or (out.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    if not on_device or (allow is not None and "triton" not in allow):
-        return False
-    from ..executor import has_module
-
-    D = out.shape[-1]
-    return has_module("triton") and 16 <= D <= 256 and not D & (D - 1) and out.stride(-1) == 1
-
-
 def delta_apply(sparse: AttentionResult, dense: AttentionResult, *, gamma: int, n_body: int,
                 linear: bool) -> Optional[AttentionResult]:
     """Fused Δ application on CUDA with Triton (repeat, or linear when ``linear``), or None.
@@ -73,7 +57,15 @@ def delta_apply(sparse: AttentionResult, dense: AttentionResult, *, gamma: int, 
     prefill then needs no second N-row buffer) and returns them as the corrected result.
     A ``use(...)`` restriction that excludes the ``triton`` family turns it off.
     """
-    if not triton_pass_ok(sparse.out) or dense.out.stride(-1) != 1:
+    allow = forced()
+    if not sparse.out.is_cuda or (allow is not None and "triton" not in allow):
+        return None
+    from ..executor import has_module
+
+    if not has_module("triton"):
+        return None
+    D = sparse.out.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1) or sparse.out.stride(-1) != 1 or dense.out.stride(-1) != 1:
         return None
     from .triton_delta import delta_apply as _apply
 

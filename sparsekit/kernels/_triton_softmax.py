@@ -9,8 +9,7 @@ names as globals of their own module so that both Triton's compiler and its inte
 * ``finish(acc, m_i, l_i)``: ``(out, lse)`` with lse in natural log, ``-inf`` and out 0 for a row that saw
   no key;
 * ``pattern_tile(...)``: which rows and heads a program of a block-pattern kernel (``triton_blocks``,
-  ``triton_meancorr``) owns: ``HPT`` heads x ``ROWS`` rows of one query block (``SUB`` programs per block);
-* ``merge_rows(...)``: rows of two partial results (out, lse in any base) loaded and merged (Δ's fused merge).
+  ``triton_meancorr``) owns: ``HPT`` heads x ``ROWS`` rows of one query block (``SUB`` programs per block).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["scores", "update", "finish", "pattern_tile", "merge_rows"]
+__all__ = ["scores", "update", "finish", "pattern_tile"]
 
 
 @triton.jit
@@ -78,26 +77,3 @@ def pattern_tile(RB, HQ, GQ, NQB, GROUP_BATCH, GROUP_HEADS, HPT: tl.constexpr, R
     rows = r_lo + m % ROWS
     rmask = rows < r_hi
     return b, kvh, g, qb, seg, r_lo, r_hi, head, rows, rmask
-
-
-@triton.jit
-def merge_rows(AO, AL, PO, PL, oa_off, la_off, ob_off, lb_off, mask, d, lse_scale, HAS_PART: tl.constexpr):
-    """Lanes of two partial results (out offsets ``*_off`` [M] int64 of each lane's row, head_dim ``d``
-    contiguous; lse in units of ``lse_scale``) merged: fp32 out [M, D] and natural lse [M]."""
-    oa = tl.load(AO + oa_off[:, None] + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    la = tl.load(AL + la_off, mask=mask, other=float("-inf")) * lse_scale
-    if HAS_PART:
-        ob = tl.load(PO + ob_off[:, None] + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        lb = tl.load(PL + lb_off, mask=mask, other=float("-inf")) * lse_scale
-        mx = tl.maximum(la, lb)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        wa = tl.exp(la - mx)
-        wb = tl.exp(lb - mx)
-        z = wa + wb
-        zs = tl.where(z > 0, z, 1.0)
-        o = (oa * wa[:, None] + ob * wb[:, None]) / zs[:, None]
-        lse = tl.where(z > 0, mx + tl.log(zs), float("-inf"))
-    else:
-        o = oa
-        lse = la
-    return o, lse

@@ -132,44 +132,22 @@ def _buffers(q, out=None):
     return o, l2
 
 
-def _finish_buffers(q, out, finisher):
-    """The natural-log lse buffer (B, H, N) a finisher writes (the caller's when given), and the
-    per-range call that hands it rows of the fa3 buffers: ``fin(b, r0, r1, o, l2, part=None)``."""
-    if finisher is None:
-        return None, None
-    B, Hq, Nq, _ = q.shape
-    nat = out[1] if out is not None else torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-
-    def fin(b, r0, r1, o, l2, part=None):
-        po, pl = (None, None) if part is None else (part[0].transpose(0, 1), part[1].transpose(0, 1))
-        finisher.finish(b, r0, o[b, r0:r1].transpose(0, 1), l2[b, r0:r1].transpose(0, 1), po, pl,
-                        lse_scale=LN2, lse_out=nat[b, :, r0:r1])
-
-    return nat, fin
-
-
-def _result(o, l2, out=None, finished=None) -> AttentionResult:
+def _result(o, l2, out=None) -> AttentionResult:
     # o [B, N, H, D] -> (B, H, N, D) view; lse base 2 [B, N, H] -> natural log (B, H, N)
-    if finished is not None:  # a finisher wrote the natural-log lse
-        return AttentionResult(o.transpose(1, 2), finished)
     if out is not None:
         torch.mul(l2.transpose(1, 2), LN2, out=out[1])
         return AttentionResult(o.transpose(1, 2), out[1])
     return AttentionResult(o.transpose(1, 2), (l2 * LN2).transpose(1, 2).contiguous())
 
 
-def dense(q, k, v, *, scale: float, q_offset: int, out=None, finisher=None) -> AttentionResult:
-    """Dense causal attention, q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D). A ``finisher``
-    (:class:`~sparsekit.contract.Finisher`) gets every row, with nothing to merge."""
+def dense(q, k, v, *, scale: float, q_offset: int, out=None) -> AttentionResult:
+    """Dense causal attention, q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)."""
     B, Hq, Nq, D = q.shape
     hi = q_offset + Nq
     o, l2 = _buffers(q, out)
-    nat, fin = _finish_buffers(q, out, finisher)
     for b in range(B):
         _single(q[b].transpose(0, 1), k[b, :, :hi].transpose(0, 1), v[b, :, :hi].transpose(0, 1), o[b], l2[b], scale=scale, causal=True)
-        if fin is not None:
-            fin(b, 0, Nq, o, l2)
-    return _result(o, l2, out, nat)
+    return _result(o, l2, out)
 
 
 def sink_window_keys(s: int, rows: int, *, window: int, sink: int) -> torch.Tensor:
@@ -206,7 +184,7 @@ def sink_window_chunks(q_offset: int, r0: int, r1: int, *, window: int, sink: in
 
 
 def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, out=None,
-              fused: bool = False, finisher=None) -> AttentionResult:
+              fused: bool = False) -> AttentionResult:
     """Sink + window attention (``backends/streaming.py`` semantics) through fa3.
 
     Rows whose window reaches the sinks run dense causal. The others run fa3 with ``window_left``
@@ -218,57 +196,40 @@ def streaming(q, k, v, *, scale: float, q_offset: int, window: int, sink: int, o
     copies ``window + sink + rows`` keys per chunk). It is exact but slower on the H200 (window 2048,
     sink 1024: 15.0 vs 12.9 ms at 128K, 119.7 vs 112.5 ms at 1M; ``bench/probe_streaming.py``), so it
     is not the default.
-
-    ``finisher`` (:class:`~sparsekit.contract.Finisher`): the sink pass's merge is handed to it, in
-    chunks that start at multiples of its ``align`` (rows of such a chunk below the sink pass's first
-    row get an empty sink partial); rows with nothing to merge are handed over without a partial.
     """
     fi = _fi()
     B, Hq, Nq, D = q.shape
     hi = q_offset + Nq
     n_a = max(0, min(Nq, sink + window - q_offset))  # rows whose window reaches the sinks: dense
     o, l2 = _buffers(q, out)
-    nat, fin = _finish_buffers(q, out, finisher)
     fused = fused and sink > 0
     chunk = window if fused else min(max(Nq // 16, _SINK_CHUNK[0]), _SINK_CHUNK[1])
-    align = finisher.align if finisher is not None else 1
-    chunk = -(-chunk // align) * align
     for b in range(B):
         qb = q[b].transpose(0, 1)  # [Nq, Hq, D]
         kb, vb = k[b].transpose(0, 1), v[b].transpose(0, 1)  # [Nk, Hkv, D]
         if n_a:
             _single(qb[:n_a], kb[: q_offset + n_a], vb[: q_offset + n_a], o[b, :n_a], l2[b, :n_a],
                     scale=scale, causal=True)
-        if n_a < Nq and fused:
+        if n_a == Nq:
+            continue
+        if fused:
             for c0, c1, idx in sink_window_chunks(q_offset, n_a, Nq, window=window, sink=sink, device=q.device):
                 _single(qb[c0:c1], kb.index_select(0, idx), vb.index_select(0, idx), o[b, c0:c1], l2[b, c0:c1],
                         scale=scale, causal=True, window_left=window + sink - 1)
-        elif n_a < Nq:
-            k0 = q_offset + n_a - window + 1
-            _single(qb[n_a:], kb[k0:hi], vb[k0:hi], o[b, n_a:], l2[b, n_a:],
-                    scale=scale, causal=True, window_left=window - 1)
-        if n_a == Nq or fused or sink == 0:  # nothing left to merge
-            if fin is not None:
-                fin(b, 0, Nq, o, l2)
+            continue
+        k0 = q_offset + n_a - window + 1
+        _single(qb[n_a:], kb[k0:hi], vb[k0:hi], o[b, n_a:], l2[b, n_a:],
+                scale=scale, causal=True, window_left=window - 1)
+        if sink == 0:
             continue
         ks, vs = kb[:sink], vb[:sink]
-        start = n_a // align * align  # the sink chunks start at a multiple of the finisher's align
-        if fin is not None and start:
-            fin(b, 0, start, o, l2)
-        for c0 in range(start, Nq, chunk):
+        for c0 in range(n_a, Nq, chunk):
             c1 = min(Nq, c0 + chunk)
-            s0 = max(c0, n_a)  # rows [c0, s0) already saw their sinks (dense rows): an empty sink partial
             os_ = torch.empty(c1 - c0, Hq, D, dtype=q.dtype, device=q.device)
             ls_ = torch.empty(c1 - c0, Hq, dtype=torch.float32, device=q.device)
-            _single(qb[s0:c1], ks, vs, os_[s0 - c0:], ls_[s0 - c0:], scale=scale, causal=False)
-            if fin is None:
-                fi.merge_state_in_place(o[b, s0:c1], l2[b, s0:c1], os_[s0 - c0:], ls_[s0 - c0:])
-                continue
-            if s0 > c0:
-                os_[: s0 - c0].zero_()
-                ls_[: s0 - c0].fill_(float("-inf"))
-            fin(b, c0, c1, o, l2, (os_, ls_))
-    return _result(o, l2, out, nat)
+            _single(qb[c0:c1], ks, vs, os_, ls_, scale=scale, causal=False)
+            fi.merge_state_in_place(o[b, c0:c1], l2[b, c0:c1], os_, ls_)
+    return _result(o, l2, out)
 
 
 # ---------------------------------------------------------------- rows (ragged batch prefill)
@@ -580,13 +541,12 @@ class BandFA3(Implementation):
         )
 
     out_layout: ClassVar[str] = "BNHD"
-    finishes: ClassVar[bool] = True
 
-    def run(self, pattern, state, q, k, v, *, scale: float, out=None, finisher=None):
+    def run(self, pattern, state, q, k, v, *, scale: float, out=None):
         if pattern.window >= pattern.nk:
-            return dense(q, k, v, scale=scale, q_offset=pattern.q_offset, out=out, finisher=finisher)
+            return dense(q, k, v, scale=scale, q_offset=pattern.q_offset, out=out)
         return streaming(q, k, v, scale=scale, q_offset=pattern.q_offset, window=pattern.window, sink=pattern.sink,
-                         out=out, finisher=finisher)
+                         out=out)
 
 
 class RowsFA3(Implementation):

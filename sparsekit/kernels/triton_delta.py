@@ -11,10 +11,6 @@ With ``Δ_k = dense[k] - sparse[k * gamma]`` measured at the anchors (a small fl
 * anchor rows (``j = 0``): the exact dense row and lse;
 * tail rows (``i >= n_body``): dense row ``n_blocks + i - n_body`` and its lse.
 
-:func:`delta_merge` is the same correction (``repeat``) fused into the merge of two partial
-results: an implementation that finishes (``fa3_band``: window keys, then sink keys) hands it each
-range of rows with both partials, and it writes the corrected rows in the one pass that merges them.
-
 Shapes: sparse out (B, H, N, D) (any strides, unit stride on D), sparse lse (B, H, N)
 float32; dense out (B, H, n_blocks + N - n_body, D), dense lse likewise; the result is
 written to ``out``/``out_lse``, which may be the sparse tensors themselves (in place): each
@@ -27,10 +23,9 @@ import torch
 
 from .triton_band import _triton
 
-__all__ = ["delta_apply", "delta_merge"]
+__all__ = ["delta_apply"]
 
 _KERNEL = None
-_MERGE = None
 
 
 def _build():
@@ -145,106 +140,3 @@ def delta_apply(sparse_out, sparse_lse, dense_out, dense_lse, *, gamma: int, n_b
         num_warps=4,
     )
     return out, out_lse
-
-
-def _build_merge():
-    global _MERGE, merge_rows  # the kernel's globals, where Triton (compiler and interpreter) looks
-    if _MERGE is not None:
-        return _MERGE
-    triton = _triton()
-    import triton.language as tl
-
-    from ._triton_softmax import merge_rows
-
-    @triton.jit
-    def _delta_merge(
-        AO, AL, PO, PL, DO, DL, LO,
-        s_ah, s_an, s_alh, s_aln,
-        s_ph, s_pn, s_plh, s_pln,
-        s_dh, s_dn, s_dlh, s_dln, s_lh, s_ln,
-        n, H, r0, n_body, gamma, lse_scale,
-        HAS_PART: tl.constexpr, RP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ):
-        # a program: RP consecutive rows of one Δ block (RP divides gamma), HEADS heads; Δ is
-        # measured once from the block's anchor, then each row is merged, corrected and written
-        i0 = tl.program_id(0) * RP
-        h = (tl.program_id(1) * HEADS + tl.arange(0, HEADS)).to(tl.int64)
-        hmask = h < H
-        zero = tl.zeros([HEADS], dtype=tl.int32)  # row tests as vectors (one lane per head)
-        d = tl.arange(0, HEAD_DIM)
-        kblk = (r0 + i0) // gamma
-        a_row = kblk * gamma
-        ai = (a_row - r0).to(tl.int64)  # the anchor, inside the range (ranges start at multiples of gamma)
-        amask = hmask & ((zero + a_row) < n_body)
-        ao, al = merge_rows(AO, AL, PO, PL, h * s_ah + ai * s_an, h * s_alh + ai * s_aln,
-                            h * s_ph + ai * s_pn, h * s_plh + ai * s_pln, amask, d, lse_scale, HAS_PART)
-        k64 = kblk.to(tl.int64)
-        dv = tl.load(DO + (h * s_dh + k64 * s_dn)[:, None] + d[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
-        dl = tl.load(DL + h * s_dlh + k64 * s_dln, mask=amask, other=0.0)
-        delta = dv - ao
-        dlse = dl - al
-        fin = (delta == delta) & (tl.abs(delta) < float("inf"))
-        ok = (tl.min(fin.to(tl.int32), axis=1) > 0) & (dlse == dlse) & (tl.abs(dlse) < float("inf"))
-        delta = tl.where(ok[:, None], delta, 0.0)
-        dlse = tl.where(ok, dlse, 0.0)
-        for r in tl.static_range(RP):
-            i = i0 + r
-            row = r0 + i
-            m = hmask & ((zero + i) < n)
-            i64 = i.to(tl.int64)
-            o, lse = merge_rows(AO, AL, PO, PL, h * s_ah + i64 * s_an, h * s_alh + i64 * s_aln,
-                                h * s_ph + i64 * s_pn, h * s_plh + i64 * s_pln, m, d, lse_scale, HAS_PART)
-            body = m & ((zero + row) < n_body)
-            is_anchor = (zero + row) == a_row
-            val = tl.where(body[:, None], o + delta, o)
-            lval = tl.where(body, tl.where(is_anchor, dl, lse + dlse), lse)
-            # the anchor row is read by the block's other programs: close() writes it afterwards
-            tl.store(AO + (h * s_ah + i64 * s_an)[:, None] + d[None, :], val.to(AO.dtype.element_ty),
-                     mask=(m & ~(body & is_anchor))[:, None])
-            tl.store(LO + h * s_lh + i64 * s_ln, lval, mask=m)
-
-    _MERGE = _delta_merge
-    return _MERGE
-
-
-def delta_merge(acc_out, acc_lse, part_out, part_lse, dense_out, dense_lse, *, r0: int, gamma: int,
-                n_body: int, lse_scale: float, lse_out) -> None:
-    """Merge two partials of rows ``r0 .. r0+n-1`` and apply Δ (``repeat``) in the same pass.
-
-    acc_out (H, n, D) and acc_lse (H, n) (lse in units of ``lse_scale``): one partial, overwritten
-    with the corrected rows except the anchors (rows ``k * gamma``; the caller writes their dense
-    rows afterwards, since the block's other rows read the anchor's partials here); part_out /
-    part_lse: the partial over the other keys, or None. dense_out (H, n_blocks, D), dense_lse
-    (H, n_blocks) float32 natural log: the anchors' dense rows (block k = row ``k * gamma``).
-    lse_out (H, n) float32 receives the natural-log lse (the dense lse at anchors). Rows at or past
-    ``n_body`` get the merged partials uncorrected. Needs ``r0 % gamma == 0``.
-    """
-    triton = _triton()
-    kernel = _build_merge()
-    H, n, D = acc_out.shape
-    if r0 % gamma:
-        raise ValueError(f"delta_merge: r0={r0} must be a multiple of gamma={gamma}")
-    has_part = part_out is not None
-    if not has_part:
-        part_out, part_lse = acc_out, acc_lse
-    for t in (acc_out, part_out, dense_out):
-        if t.stride(-1) != 1:
-            raise ValueError("delta_merge: head_dim must be the unit-stride axis")
-    if n == 0:
-        return
-    interpret = acc_out.device.type == "cpu"
-    heads = min(triton.next_power_of_2(H), 4 if interpret else max(1, 4096 // D))
-    rp = 8  # rows per program: a power of two that divides gamma (the rows share their block's Δ)
-    while gamma % rp:
-        rp //= 2
-    grid = (triton.cdiv(n, rp), triton.cdiv(H, heads))
-    kernel[grid](
-        acc_out, acc_lse, part_out, part_lse, dense_out, dense_lse, lse_out,
-        acc_out.stride(0), acc_out.stride(1), acc_lse.stride(0), acc_lse.stride(1),
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        dense_out.stride(0), dense_out.stride(1), dense_lse.stride(0), dense_lse.stride(1),
-        lse_out.stride(0), lse_out.stride(1),
-        n, H, r0, n_body, gamma, float(lse_scale),
-        HAS_PART=has_part, RP=rp, HEADS=heads, HEAD_DIM=D,
-        num_warps=4,
-    )
